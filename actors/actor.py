@@ -1,0 +1,431 @@
+"""Actors, mailboxes, refs and the ActorSystem that routes between them.
+
+An actor is a Trio task that takes letters from a bounded mailbox one at a
+time. A Ref names an actor by (address, name) and resolves it at every call,
+so a ref stays valid while a supervisor restarts the actor behind it, and a
+ref to an actor in another process looks and works the same.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from typing import Any, Callable
+
+import trio
+
+from . import codec
+from .codec import Envelope
+from .groups import collapsed
+from .errors import (
+    ActorCrashed,
+    ActorNotFound,
+    ActorStopped,
+    AskTimeout,
+    MailboxFull,
+    Refused,
+    Unreachable,
+)
+from .transport import Transport
+
+log = logging.getLogger("actors")
+
+DEFAULT_MAILBOX = 1000
+DEFAULT_ASK_TIMEOUT = 5.0
+STOP_HOOK_TIMEOUT = 5.0
+
+
+# ------------------------------------------------------------------ replies
+
+class Reply:
+    """The answer slot of one local ask: set once, awaited once."""
+
+    __slots__ = ("_event", "_value", "_error")
+
+    def __init__(self) -> None:
+        self._event = trio.Event()
+        self._value: Any = None
+        self._error: BaseException | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._event.is_set()
+
+    def set(self, value: Any) -> None:
+        if not self._event.is_set():
+            self._value = value
+            self._event.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self._event.is_set():
+            self._error = error
+            self._event.set()
+
+    async def wait(self) -> Any:
+        await self._event.wait()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+class RemoteReply:
+    """The answer slot of an ask that came over a link: answers go back as envelopes."""
+
+    __slots__ = ("_system", "_to", "_cid", "done")
+
+    def __init__(self, system: ActorSystem, to: str, cid: int):
+        self._system, self._to, self._cid = system, to, cid
+        self.done = False
+
+    def set(self, value: Any) -> None:
+        if not self.done:
+            self.done = True
+            self._system._send_back(self._to, Envelope(self._system.address + "/", "", "reply",
+                                                       value, self._cid))
+
+    def fail(self, error: BaseException) -> None:
+        if not self.done:
+            self.done = True
+            self._system._send_back(self._to, Envelope(self._system.address + "/", "", "error",
+                                                       codec.error_body(error), self._cid))
+
+
+class Letter:
+    """A message in a mailbox and, for an ask, where its answer goes."""
+
+    __slots__ = ("msg", "reply")
+
+    def __init__(self, msg: Any, reply: Reply | RemoteReply | None = None):
+        self.msg = msg
+        self.reply = reply
+
+    def answer(self, value: Any) -> None:
+        if self.reply is not None:
+            self.reply.set(value)
+
+    def fail(self, error: BaseException) -> None:
+        if self.reply is not None:
+            self.reply.fail(error)
+
+
+# ---------------------------------------------------------------- mailboxes
+
+class Mailbox:
+    """A bounded queue of letters that outlives restarts of its actor."""
+
+    def __init__(self, name: str, size: int = DEFAULT_MAILBOX):
+        self.name = name
+        self.size = size
+        self._send, self._recv = trio.open_memory_channel[Letter](size)
+        self.closed = False
+
+    async def put(self, letter: Letter) -> None:
+        if self.closed:
+            raise ActorStopped(f"actor {self.name!r} is stopped")
+        try:
+            await self._send.send(letter)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise ActorStopped(f"actor {self.name!r} stopped") from None
+
+    def put_nowait(self, letter: Letter) -> None:
+        if self.closed:
+            raise ActorStopped(f"actor {self.name!r} is stopped")
+        try:
+            self._send.send_nowait(letter)
+        except trio.WouldBlock:
+            raise MailboxFull(f"mailbox of {self.name!r} is full ({self.size} letters)") from None
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            raise ActorStopped(f"actor {self.name!r} stopped") from None
+
+    async def get(self) -> Letter:
+        return await self._recv.receive()
+
+    def get_nowait(self) -> Letter:
+        """The next letter or trio.WouldBlock (used to drain batches)."""
+        return self._recv.receive_nowait()
+
+    def fail_pending(self, error_for: Callable[[], BaseException]) -> int:
+        """Fail every queued ask and drop queued tells; returns how many letters."""
+        n = 0
+        while True:
+            try:
+                letter = self._recv.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
+                return n
+            letter.fail(error_for())
+            n += 1
+
+    def close(self) -> None:
+        """No more letters: queued asks fail, blocked senders get ActorStopped."""
+        self.closed = True
+        self.fail_pending(lambda: ActorStopped(f"actor {self.name!r} stopped"))
+        self._recv.close()
+
+
+# --------------------------------------------------------------------- refs
+
+class Ref:
+    """The address of an actor: local or in another process."""
+
+    __slots__ = ("system", "name", "address")
+
+    def __init__(self, system: ActorSystem, name: str, address: str | None = None):
+        self.system = system
+        self.name = name
+        self.address = address or system.address
+
+    @property
+    def is_local(self) -> bool:
+        return self.address == self.system.address
+
+    @property
+    def path(self) -> str:
+        return f"{self.address}/{self.name}"
+
+    def __repr__(self) -> str:
+        return f"Ref({self.path})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Ref) and (self.address, self.name) == (other.address, other.name)
+
+    def __hash__(self) -> int:
+        return hash((self.address, self.name))
+
+    async def tell(self, msg: Any) -> None:
+        """Send without a reply, waiting while the mailbox (or link) is full."""
+        if self.is_local:
+            await self.system.mailbox_of(self.name).put(Letter(msg))
+        else:
+            await self.system._send_remote(self.address, Envelope(
+                self.system.address + "/", self.name, "tell", msg))
+
+    def tell_nowait(self, msg: Any) -> None:
+        """Send without a reply; raise MailboxFull instead of waiting."""
+        if self.is_local:
+            self.system.mailbox_of(self.name).put_nowait(Letter(msg))
+        else:
+            self.system._send_remote_nowait(self.address, Envelope(
+                self.system.address + "/", self.name, "tell", msg))
+
+    async def ask(self, msg: Any, timeout: float = DEFAULT_ASK_TIMEOUT) -> Any:
+        """Send and wait for the answer.
+
+        Raises AskTimeout after `timeout` seconds, ActorCrashed when the actor
+        crashed before answering, ActorStopped/ActorNotFound/Unreachable when
+        there is nobody to answer, or the Refused the actor raised.
+        """
+        if self.is_local:
+            return await self.system._ask_local(self.name, msg, timeout)
+        return await self.system._ask_remote(self.address, self.name, msg, timeout)
+
+
+# ------------------------------------------------------------------- actors
+
+class Actor:
+    """Subclass and implement `receive`; its return value answers an ask.
+
+    Raise a Refused to answer an ask with an expected error without crashing.
+    Any other exception crashes the actor: its supervisor decides what next.
+    `self.nursery` runs the actor's helper tasks; they end with the actor.
+    """
+
+    system: ActorSystem
+    ref: Ref
+    nursery: trio.Nursery
+
+    async def on_start(self) -> None:
+        """Runs before the first letter is taken; helper tasks start here."""
+
+    async def receive(self, msg: Any) -> Any:
+        raise Refused("unhandled_message",
+                      f"{type(self).__name__} does not handle {type(msg).__name__}")
+
+    async def handle(self, letter: Letter) -> None:
+        """Deal with one letter. Override to answer later (see Letter.reply)."""
+        try:
+            result = await self.receive(letter.msg)
+        except Refused as refusal:
+            if letter.reply is None:
+                log.warning("tell refused", extra={"actor": self.ref.name, "error": str(refusal)})
+            letter.fail(refusal)
+        else:
+            letter.answer(result)
+
+    async def on_stop(self) -> None:
+        """Runs on an orderly stop (not after a crash), bounded in time."""
+
+    def stop(self) -> None:
+        """End this actor normally after the current letter."""
+        self._loop_scope.cancel()
+
+    async def run(self, system: ActorSystem, mailbox: Mailbox,
+                  *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        self.system = system
+        self.ref = Ref(system, mailbox.name)
+        self._loop_scope = trio.CancelScope()
+        orderly = False
+        try:
+            with collapsed():
+                async with trio.open_nursery() as nursery:
+                    self.nursery = nursery
+                    await self.on_start()
+                    task_status.started()
+                    with self._loop_scope:
+                        await self._take_letters(mailbox)
+                    nursery.cancel_scope.cancel()  # helpers end with the actor
+            orderly = True
+        except trio.Cancelled:
+            orderly = True
+            raise
+        finally:
+            if orderly:
+                await self._run_stop_hook(mailbox.name)
+
+    async def _take_letters(self, mailbox: Mailbox) -> None:
+        while True:
+            letter = await mailbox.get()
+            try:
+                await self.handle(letter)
+            except BaseException:
+                letter.fail(ActorCrashed(
+                    f"actor {mailbox.name!r} crashed handling {type(letter.msg).__name__}"))
+                raise
+
+    async def _run_stop_hook(self, name: str) -> None:
+        with trio.move_on_after(STOP_HOOK_TIMEOUT) as scope:
+            scope.shield = True
+            try:
+                await self.on_stop()
+            except Exception:
+                log.exception("on_stop failed", extra={"actor": name})
+
+
+# ------------------------------------------------------------------- system
+
+class ActorSystem:
+    """The actors of one process, and the transport to other processes."""
+
+    def __init__(self, address: str = "local", transport: Transport | None = None):
+        self.transport = transport
+        self.address = transport.address if transport is not None else address
+        self._mailboxes: dict[str, Mailbox] = {}
+        self._pending: dict[int, tuple[str, Reply]] = {}
+        self._cids = itertools.count(1)
+
+    # -- local registry
+    def ref(self, name: str, address: str | None = None) -> Ref:
+        return Ref(self, name, address)
+
+    def open_mailbox(self, name: str, size: int = DEFAULT_MAILBOX) -> Mailbox:
+        """The mailbox registered under `name`, created if needed (restarts reuse it)."""
+        box = self._mailboxes.get(name)
+        if box is None or box.closed:
+            box = self._mailboxes[name] = Mailbox(name, size)
+        return box
+
+    def close_mailbox(self, name: str) -> None:
+        box = self._mailboxes.pop(name, None)
+        if box is not None:
+            box.close()
+
+    def mailbox_of(self, name: str) -> Mailbox:
+        box = self._mailboxes.get(name)
+        if box is None:
+            raise ActorNotFound(f"no actor named {name!r} at {self.address}")
+        return box
+
+    async def spawn(self, nursery: trio.Nursery, actor: Actor, name: str,
+                    mailbox_size: int = DEFAULT_MAILBOX) -> Ref:
+        """Start an unsupervised actor in `nursery` (tests, leaf helpers)."""
+        box = self.open_mailbox(name, mailbox_size)
+
+        async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            try:
+                await actor.run(self, box, task_status=task_status)
+            except BaseException:
+                box.fail_pending(lambda: ActorCrashed(f"actor {name!r} crashed"))
+                raise
+            finally:
+                self.close_mailbox(name)
+
+        with collapsed():
+            await nursery.start(run)
+        return self.ref(name)
+
+    async def _ask_local(self, name: str, msg: Any, timeout: float) -> Any:
+        reply = Reply()
+        try:
+            with trio.fail_after(timeout):
+                await self.mailbox_of(name).put(Letter(msg, reply))
+                return await reply.wait()
+        except trio.TooSlowError:
+            raise AskTimeout(
+                f"ask {type(msg).__name__} to {name!r} got no reply within {timeout}s") from None
+
+    # -- remote
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run the transport (if any) until cancelled."""
+        if self.transport is None:
+            task_status.started()
+            await trio.sleep_forever()
+        await self.transport.serve(self._deliver, self._link_down, task_status=task_status)
+
+    def _require_transport(self, address: str) -> Transport:
+        if self.transport is None:
+            raise Unreachable(f"{address} is remote and this system has no transport")
+        return self.transport
+
+    async def _send_remote(self, address: str, env: Envelope) -> None:
+        await self._require_transport(address).send(address, env)
+
+    def _send_remote_nowait(self, address: str, env: Envelope) -> None:
+        self._require_transport(address).send_nowait(address, env)
+
+    async def _ask_remote(self, address: str, name: str, msg: Any, timeout: float) -> Any:
+        cid = next(self._cids)
+        reply = Reply()
+        self._pending[cid] = (address, reply)
+        try:
+            with trio.fail_after(timeout):
+                await self._send_remote(address, Envelope(self.address + "/", name, "ask", msg, cid))
+                return await reply.wait()
+        except trio.TooSlowError:
+            raise AskTimeout(f"ask {type(msg).__name__} to {address}/{name} "
+                             f"got no reply within {timeout}s") from None
+        finally:
+            self._pending.pop(cid, None)
+
+    def _send_back(self, sender: str, env: Envelope) -> None:
+        address = sender.rsplit("/", 1)[0]
+        try:
+            self._send_remote_nowait(address, env)
+        except Exception as exc:  # the asker will time out; say why here
+            log.warning("reply not sent", extra={"to": address, "error": str(exc)})
+
+    async def _deliver(self, env: Envelope) -> None:
+        """Route one inbound envelope (called by the transport)."""
+        if env.kind in ("reply", "error"):
+            pending = self._pending.get(env.cid)  # type: ignore[arg-type]
+            if pending is None:
+                return  # a late answer to an ask that timed out
+            _, reply = pending
+            if env.kind == "reply":
+                reply.set(env.body)
+            else:
+                reply.fail(codec.error_from_body(env.body))
+            return
+        reply = RemoteReply(self, env.sender, env.cid) if env.kind == "ask" else None  # type: ignore[arg-type]
+        letter = Letter(env.body, reply)
+        try:
+            await self.mailbox_of(env.to).put(letter)
+        except (ActorNotFound, ActorStopped) as exc:
+            if reply is None:
+                log.warning("tell dropped", extra={"to": env.to, "error": str(exc)})
+            letter.fail(exc)
+
+    def _link_down(self, address: str) -> None:
+        """Fail at once the asks waiting on a lost link (their outcome is unknown)."""
+        for cid, (addr, reply) in list(self._pending.items()):
+            if addr == address:
+                reply.fail(Unreachable(f"link to {address} lost before the answer came"))
+

@@ -1,0 +1,208 @@
+"""The wire codec: typed messages as frozen attrs classes with stable tags.
+
+One cattrs converter encodes every message. A message class is declared with
+`@message("some.stable.tag")`; the tag, never the Python class name, is what
+travels, so classes can be renamed and moved without breaking peers.
+
+Decoding is strict (unknown tag, missing or extra field, wrong type -> a
+ProtocolError) because a link must never crash its receiver.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, TypeVar
+
+import attrs
+import cattrs
+import orjson
+
+from .errors import ProtocolError, Refused, RemoteError
+
+T = TypeVar("T")
+
+TAG_KEY = "$t"
+_JSON_TAG = "$json"  # a reply that is plain JSON rather than a message class
+
+_tag_to_cls: dict[str, type] = {}
+_cls_to_tag: dict[type, str] = {}
+_refusals: dict[str, type[Refused]] = {}
+
+
+def message(tag: str) -> Callable[[type[T]], type[T]]:
+    """Class decorator: a frozen attrs message with the wire tag `tag`."""
+
+    def wrap(cls: type[T]) -> type[T]:
+        if not attrs.has(cls):
+            cls = attrs.frozen(cls)
+        known = _tag_to_cls.get(tag)
+        if known is not None and known.__qualname__ != cls.__qualname__:
+            raise ValueError(f"wire tag {tag!r} already used by {known!r}")
+        _tag_to_cls[tag] = cls
+        _cls_to_tag[cls] = tag
+        return cls
+
+    return wrap
+
+
+def refusal(cls: type[Refused]) -> type[Refused]:
+    """Register a Refused subclass so it is rebuilt as itself across the wire."""
+    _refusals[cls.__name__] = cls
+    return cls
+
+
+def tag_of(cls: type) -> str:
+    return _cls_to_tag[cls]
+
+
+def _strict(expected: tuple[type, ...], name: str):
+    def hook(value: Any, _type: Any) -> Any:
+        # bool is an int in Python; on the wire it is not.
+        if isinstance(value, bool) and bool not in expected:
+            raise TypeError(f"expected {name}, got bool")
+        if not isinstance(value, expected):
+            raise TypeError(f"expected {name}, got {type(value).__name__}")
+        return float(value) if name == "number" else value
+
+    return hook
+
+
+def make_converter() -> cattrs.Converter:
+    """A converter that refuses what a lenient one would coerce ("5" -> 5)."""
+    conv = cattrs.Converter(forbid_extra_keys=True)
+    conv.register_structure_hook(str, _strict((str,), "string"))
+    conv.register_structure_hook(int, _strict((int,), "integer"))
+    conv.register_structure_hook(float, _strict((int, float), "number"))
+    conv.register_structure_hook(bool, _strict((bool,), "boolean"))
+    return conv
+
+
+converter = make_converter()
+
+
+def to_wire(msg: Any) -> Any:
+    """A message (or plain JSON value) as a JSON-able tagged value."""
+    tag = _cls_to_tag.get(type(msg))
+    if tag is None:
+        if msg is None or isinstance(msg, (bool, int, float, str, list, dict)):
+            return {TAG_KEY: _JSON_TAG, "v": msg}
+        raise TypeError(f"{type(msg).__name__} is not a wire message (missing @message)")
+    data = converter.unstructure(msg)
+    data[TAG_KEY] = tag
+    return data
+
+
+def from_wire(data: Any) -> Any:
+    """The message a tagged value encodes; ProtocolError on anything else."""
+    if not isinstance(data, dict):
+        raise ProtocolError(f"message must be an object, got {type(data).__name__}")
+    data = dict(data)
+    tag = data.pop(TAG_KEY, None)
+    if tag == _JSON_TAG:
+        if set(data) != {"v"}:
+            raise ProtocolError("plain JSON value must have exactly the field 'v'")
+        return data["v"]
+    cls = _tag_to_cls.get(tag) if isinstance(tag, str) else None
+    if cls is None:
+        raise ProtocolError(f"unknown message tag {tag!r}")
+    try:
+        return converter.structure(data, cls)
+    except Exception as exc:  # cattrs raises several kinds; all mean bad input
+        raise ProtocolError(f"bad {tag!r} message: {_describe(exc)}") from None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, cattrs.BaseValidationError):
+        parts = cattrs.transform_error(exc)
+        return "; ".join(parts)
+    return str(exc) or type(exc).__name__
+
+
+# ---------------------------------------------------------------- envelopes
+
+KINDS = ("tell", "ask", "reply", "error")
+
+
+@attrs.frozen
+class Envelope:
+    """What crosses a link: routing, correlation and one message body.
+
+    sender: "address/name" of the sending actor or "address/" for a
+            process-level sender; the receiver routes replies there.
+    to:     the name of the target actor at the receiving address.
+    cid:    correlation id of an ask and its reply/error; None for a tell.
+    """
+
+    sender: str
+    to: str
+    kind: str
+    body: Any
+    cid: int | None = None
+
+
+def encode(env: Envelope) -> bytes:
+    if env.kind == "error":
+        body = env.body  # already a plain dict, see error_body()
+    else:
+        body = to_wire(env.body)
+    return orjson.dumps(
+        {"from": env.sender, "to": env.to, "kind": env.kind, "cid": env.cid, "body": body}
+    )
+
+
+def decode(frame: bytes | str) -> Envelope:
+    """The Envelope in a frame; ProtocolError for anything malformed."""
+    try:
+        data = orjson.loads(frame)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"frame is not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ProtocolError("frame must be a JSON object")
+    if set(data) != {"from", "to", "kind", "cid", "body"}:
+        raise ProtocolError(f"envelope fields must be from,to,kind,cid,body; got {sorted(data)}")
+    sender, to, kind, cid, body = data["from"], data["to"], data["kind"], data["cid"], data["body"]
+    if not isinstance(sender, str) or not isinstance(to, str):
+        raise ProtocolError("envelope 'from' and 'to' must be strings")
+    if kind not in KINDS:
+        raise ProtocolError(f"envelope kind must be one of {KINDS}, got {kind!r}")
+    if cid is not None and (not isinstance(cid, int) or isinstance(cid, bool)):
+        raise ProtocolError("envelope 'cid' must be an integer or null")
+    if kind in ("ask", "reply", "error") and cid is None:
+        raise ProtocolError(f"a {kind} needs a correlation id")
+    if kind == "error":
+        _check_error_body(body)
+    else:
+        body = from_wire(body)
+    return Envelope(sender=sender, to=to, kind=kind, body=body, cid=cid)
+
+
+def error_body(exc: BaseException) -> dict:
+    """An exception boxed for the wire (errors never carry Python objects)."""
+    if isinstance(exc, Refused):
+        return {"type": type(exc).__name__, "code": exc.code, "message": exc.message,
+                "details": exc.details}
+    return {"type": type(exc).__name__, "code": "", "message": str(exc), "details": {}}
+
+
+def _check_error_body(body: Any) -> None:
+    if not (isinstance(body, dict) and set(body) == {"type", "code", "message", "details"}
+            and all(isinstance(body[k], str) for k in ("type", "code", "message"))
+            and isinstance(body["details"], dict)):
+        raise ProtocolError("error body must be {type, code, message, details}")
+
+
+def error_from_body(body: dict) -> Exception:
+    """Rebuild a boxed error: a registered Refused as itself, kernel errors by name."""
+    from . import errors
+
+    kind, code, text, details = body["type"], body["code"], body["message"], body["details"]
+    if kind in _refusals:
+        err = _refusals[kind].__new__(_refusals[kind])
+        Refused.__init__(err, code, text, details)
+        return err
+    if kind == "Refused":
+        return Refused(code, text, details)
+    cls = getattr(errors, kind, None)
+    if isinstance(cls, type) and issubclass(cls, errors.ActorError) and cls not in (
+        Refused, RemoteError):
+        return cls(text)
+    return RemoteError(kind, text)

@@ -1,0 +1,448 @@
+"""trustnet.config: defaults, the example file, every error class, env overrides."""
+
+from pathlib import Path
+
+import attrs
+import pytest
+
+from trustnet.config import (
+    REGISTRY_ENV_VARS,
+    ConfigError,
+    Duration,
+    NonEmptyStr,
+    PositiveInt,
+    RegistryConfig,
+    load_config,
+    load_registry_config,
+    parse_duration,
+    redacted,
+)
+from trustnet.config import FieldError
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "configs" / "registry.yaml"
+
+
+def write(tmp_path: Path, text: str, name: str = "registry.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def error(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> ConfigError:
+    p = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_registry_config(str(p), env or {})
+    return info.value
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_no_file_gives_all_defaults():
+    c = load_registry_config(None, {})
+    assert c.listen.host == "::"
+    assert c.listen.port == 8000
+    assert c.database.path == "./data/registry.db"
+    assert c.replication.enabled is False
+    assert c.replication.peers == []
+    assert c.replication.interval == 60.0
+    assert (c.logging.level, c.logging.format) == ("info", "json")
+    assert c.leases.heartbeat_interval == 30.0
+    assert c.leases.ttl_multiplier == 3
+    assert c.leases.ttl == 90.0
+    assert c.leases.checkpoint_interval == 5.0
+    assert c.http.max_body_bytes == 65536
+    assert c.http.request_timeout == 10.0
+    assert c.api_key is None
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "listen:\n"])
+def test_empty_file_or_empty_section_gives_defaults(tmp_path, text):
+    assert load_registry_config(str(write(tmp_path, text)), {}) == RegistryConfig()
+
+
+def test_partial_section_keeps_other_defaults(tmp_path):
+    c = load_registry_config(str(write(tmp_path, "listen: {port: 9001}\n")), {})
+    assert c.listen.port == 9001
+    assert c.listen.host == "::"
+    assert c.database == RegistryConfig().database
+
+
+def test_example_config_loads():
+    c = load_registry_config(str(EXAMPLE), {})
+    assert c.listen.host == "::"
+    assert c.listen.port == 8000
+    assert c.database.path == "./data/registry.db"
+    assert c.leases.heartbeat_interval == 30.0
+    assert c.leases.ttl_multiplier == 3
+    assert c.leases.checkpoint_interval == 5.0
+
+
+def test_full_file_values(tmp_path):
+    p = write(tmp_path, """
+listen: {host: "::1", port: 0}
+database: {path: /var/lib/trustnet/r.db}
+replication: {enabled: true, peers: ["tnr.bucoto.com", "[fd10:1234:ffff::2]:8000"], interval: 5m}
+logging: {level: debug, format: text}
+leases: {heartbeat_interval: 150ms, ttl_multiplier: 4, checkpoint_interval: 2}
+http: {max_body_bytes: 1024, request_timeout: 1.5}
+""")
+    c = load_registry_config(p, {})  # a Path works as well as a str
+    assert c.listen.host == "::1" and c.listen.port == 0
+    assert c.database.path == "/var/lib/trustnet/r.db"
+    assert c.replication.enabled is True
+    assert c.replication.peers == ["tnr.bucoto.com", "[fd10:1234:ffff::2]:8000"]
+    assert c.replication.interval == 300.0
+    assert (c.logging.level, c.logging.format) == ("debug", "text")
+    assert c.leases.heartbeat_interval == pytest.approx(0.15)
+    assert c.leases.ttl == pytest.approx(0.6)
+    assert c.leases.checkpoint_interval == 2.0
+    assert c.http.max_body_bytes == 1024
+    assert c.http.request_timeout == 1.5
+
+
+def test_ipv4_listen_host_is_accepted(tmp_path):
+    assert load_registry_config(str(write(tmp_path, "listen: {host: 0.0.0.0}\n")), {}).listen.host == "0.0.0.0"
+
+
+def test_log_level_is_case_insensitive_and_warning_is_warn(tmp_path):
+    c = load_registry_config(str(write(tmp_path, "logging: {level: WARNING}\n")), {})
+    assert c.logging.level == "warn"
+
+
+# --------------------------------------------------------------------------- file errors
+
+
+def test_missing_file(tmp_path):
+    p = tmp_path / "nope.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_registry_config(str(p), {})
+    msg = str(info.value)
+    assert msg.startswith(f"{p}: ")
+    assert "no such file" in msg
+    assert "\n" not in msg
+
+
+def test_directory_is_not_a_file(tmp_path):
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_registry_config(str(tmp_path), {})
+
+
+def test_unreadable_path(tmp_path):
+    # a path through a regular file: an OSError other than "not found" (works as root too)
+    p = write(tmp_path, "listen: {}\n") / "registry.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_registry_config(str(p), {})
+    assert str(info.value).startswith(f"{p}: cannot read config file: ")
+    assert info.value.field is None
+
+
+def test_permission_denied(tmp_path, monkeypatch):
+    p = write(tmp_path, "listen: {}\n")
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(p))
+
+    monkeypatch.setattr("builtins.open", denied)
+    with pytest.raises(ConfigError) as info:
+        load_registry_config(str(p), {})
+    assert str(info.value) == f"{p}: cannot read config file: Permission denied"
+
+
+def test_not_utf8(tmp_path):
+    p = tmp_path / "bin.yaml"
+    p.write_bytes(b"listen: \xff\xfe\n")
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_registry_config(str(p), {})
+
+
+def test_bad_yaml_names_the_line(tmp_path):
+    e = error(tmp_path, "listen:\n  host: '::'\n  port: [8000\n")
+    msg = str(e)
+    assert msg.startswith(str(tmp_path / "registry.yaml") + ": line ")
+    assert "invalid YAML" in msg
+    assert e.field is None
+    assert "\n" not in msg
+
+
+def test_bad_yaml_line_number_is_right(tmp_path):
+    e = error(tmp_path, "listen:\n  port: 1\n bad\n")
+    assert "line 3," in str(e)
+
+
+def test_duplicate_key_is_an_error(tmp_path):
+    e = error(tmp_path, "listen:\n  port: 1\n  port: 2\n")
+    assert "line 3" in str(e) and "duplicate key 'port'" in str(e)
+
+
+@pytest.mark.parametrize("text, shown", [("- a\n- b\n", "a list"), ("just text\n", "'just text'"), ("42\n", "42")])
+def test_top_level_not_a_mapping(tmp_path, text, shown):
+    msg = str(error(tmp_path, text))
+    assert "top level must be a mapping" in msg
+    assert "listen" in msg  # names the sections it expects
+    assert msg.endswith(shown)
+
+
+def test_unknown_top_level_key_lists_allowed(tmp_path):
+    e = error(tmp_path, "listen: {port: 8000}\nlisen: {}\n")
+    assert e.field == "lisen"
+    msg = str(e)
+    assert msg.startswith(str(tmp_path / "registry.yaml") + ": lisen: unknown key")
+    for section in ("listen", "database", "replication", "logging", "leases", "http"):
+        assert section in msg
+    assert "api_key" not in msg  # a secret is not an allowed file key
+
+
+def test_unknown_nested_key(tmp_path):
+    e = error(tmp_path, "listen: {prot: 8000}\n")
+    assert e.field == "listen.prot"
+    assert "unknown key" in e.problem and "host, port" in e.problem
+
+
+def test_unknown_key_reported_before_other_problems(tmp_path):
+    e = error(tmp_path, "listen: {port: abc, prot: 1}\n")
+    assert e.field == "listen.prot"
+
+
+def test_several_unknown_keys_named(tmp_path):
+    e = error(tmp_path, "leases: {a: 1, b: 2}\n")
+    assert e.field == "leases"
+    assert "'a', 'b'" in e.problem
+
+
+def test_api_key_in_yaml_is_rejected_with_reason(tmp_path):
+    e = error(tmp_path, "api_key: abc123\n")
+    assert e.field == "api_key"
+    assert "REGISTRY_API_KEY" in e.problem and "secret" in e.problem
+    assert "abc123" not in str(e)  # the secret is not echoed
+
+
+def test_section_must_be_a_mapping(tmp_path):
+    e = error(tmp_path, "listen: 8000\n")
+    assert (e.field, e.problem) == ("listen", "must be a mapping, got 8000")
+
+
+@pytest.mark.parametrize(
+    "text, field, problem",
+    [
+        ("listen: {port: abc}", "listen.port", "must be an integer 0..65535, got 'abc'"),
+        ("listen: {port: '8000'}", "listen.port", "must be an integer 0..65535, got '8000'"),
+        ("listen: {port: true}", "listen.port", "must be an integer 0..65535, got true"),
+        ("listen: {port: 8000.0}", "listen.port", "must be an integer 0..65535, got 8000.0"),
+        ("listen: {port: 65536}", "listen.port", "must be an integer 0..65535, got 65536"),
+        ("listen: {port: -1}", "listen.port", "must be an integer 0..65535, got -1"),
+        ("listen: {host: localhost}", "listen.host", "must be an IP address such as '::' or '::1', got 'localhost'"),
+        ("listen: {host: '[::1]'}", "listen.host", "must be an IP address such as '::' or '::1' (without brackets), got '[::1]'"),
+        ("listen: {host: 1}", "listen.host", "must be an IP address such as '::' or '::1', got 1"),
+        ("database: {path: ''}", "database.path", "must be a non-empty string, got ''"),
+        ("database: {path: 12}", "database.path", "must be a non-empty string, got 12"),
+        ("replication: {enabled: 'yes'}", "replication.enabled", "must be true or false, got 'yes'"),
+        ("replication: {enabled: 1}", "replication.enabled", "must be true or false, got 1"),
+        ("replication: {peers: tnr.bucoto.com}", "replication.peers", "must be a list, got 'tnr.bucoto.com'"),
+        ("replication: {peers: [a, 1]}", "replication.peers[1]", "must be a non-empty string, got 1"),
+        ("replication: {interval: 0}", "replication.interval", "must be a duration > 0, got 0"),
+        ("logging: {level: verbose}", "logging.level", "must be one of debug|info|warn|error|fatal, got 'verbose'"),
+        ("logging: {format: xml}", "logging.format", "must be one of json|text, got 'xml'"),
+        ("leases: {ttl_multiplier: 1}", "leases.ttl_multiplier", "must be an integer >= 2, got 1"),
+        ("leases: {ttl_multiplier: 3.0}", "leases.ttl_multiplier", "must be an integer >= 2, got 3.0"),
+        ("leases: {heartbeat_interval: -5s}", "leases.heartbeat_interval",
+         "must be a duration such as '150ms', '30s', '5m', '1h' or a number of seconds, got '-5s'"),
+        ("leases: {checkpoint_interval: null}", "leases.checkpoint_interval",
+         "must be a duration such as '150ms', '30s', '5m', '1h' or a number of seconds, got null"),
+        ("http: {max_body_bytes: 0}", "http.max_body_bytes", "must be an integer >= 1, got 0"),
+        ("http: {request_timeout: 10 s}", "http.request_timeout",
+         "must be a duration such as '150ms', '30s', '5m', '1h' or a number of seconds, got '10 s'"),
+    ],
+)
+def test_wrong_type_or_range_names_file_and_field(tmp_path, text, field, problem):
+    e = error(tmp_path, text + "\n")
+    assert (e.field, e.problem) == (field, problem)
+    assert str(e) == f"{tmp_path / 'registry.yaml'}: {field}: {problem}"
+
+
+def test_message_of_the_brief():
+    # the exact shape the operator sees: file, dotted field, problem
+    e = ConfigError("configs/bad.yaml", "listen.port", "must be an integer 1..65535, got 'abc'")
+    assert str(e) == "configs/bad.yaml: listen.port: must be an integer 1..65535, got 'abc'"
+
+
+def test_long_bad_value_is_shortened(tmp_path):
+    e = error(tmp_path, f"listen: {{host: '{'x' * 500}'}}\n")
+    assert len(str(e)) < 250
+    assert str(e).endswith("...")
+
+
+# --------------------------------------------------------------------------- durations
+
+
+@pytest.mark.parametrize(
+    "value, seconds",
+    [("150ms", 0.15), ("30s", 30.0), ("5m", 300.0), ("1h", 3600.0), ("1m30s", 90.0), ("1h0m1s", 3601.0),
+     ("2.5s", 2.5), (" 30S ", 30.0), ("45", 45.0), ("0.5", 0.5), (10, 10.0), (0.25, 0.25)],
+)
+def test_durations(value, seconds):
+    assert parse_duration(value) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("value", ["", "s", "10x", "10 s", "1.2.3s", "-1s", "0s", "0", 0, -3, True, None, [1],
+                                   float("inf"), float("nan"), "inf", "m5", "5m 3s"])
+def test_bad_durations(value):
+    with pytest.raises(FieldError):
+        parse_duration(value)
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def test_env_overrides_file(tmp_path):
+    p = write(tmp_path, "listen: {host: '::1', port: 8000}\nlogging: {level: info}\n")
+    env = {
+        "REGISTRY_PORT": "9000",
+        "REGISTRY_LISTEN": "::",
+        "REGISTRY_DB_PATH": "/tmp/x.db",
+        "REGISTRY_API_KEY": "s3cret-key",
+        "LOG_LEVEL": "DEBUG",
+        "LOG_FORMAT": "text",
+        "REGISTRY_HEARTBEAT_INTERVAL": "150ms",
+        "UNRELATED": "ignored",
+    }
+    c = load_registry_config(str(p), env)
+    assert c.listen.port == 9000
+    assert c.listen.host == "::"
+    assert c.database.path == "/tmp/x.db"
+    assert c.api_key == "s3cret-key"
+    assert c.logging.level == "debug"
+    assert c.logging.format == "text"
+    assert c.leases.heartbeat_interval == pytest.approx(0.15)
+    assert c.leases.ttl == pytest.approx(0.45)
+
+
+def test_env_without_file():
+    c = load_registry_config(None, {"REGISTRY_PORT": "0"})
+    assert c.listen.port == 0
+    assert c.listen.host == "::"
+
+
+def test_env_absent_keeps_file_values(tmp_path):
+    c = load_registry_config(str(write(tmp_path, "listen: {port: 9100}\n")), {})
+    assert c.listen.port == 9100
+
+
+def test_api_key_comes_only_from_env():
+    assert load_registry_config(None, {}).api_key is None
+    assert load_registry_config(None, {"REGISTRY_API_KEY": "k"}).api_key == "k"
+
+
+@pytest.mark.parametrize(
+    "var, value, field, problem",
+    [
+        ("REGISTRY_PORT", "abc", "listen.port", "must be an integer 0..65535, got 'abc'"),
+        ("REGISTRY_PORT", "70000", "listen.port", "must be an integer 0..65535, got 70000"),
+        ("REGISTRY_PORT", "", "listen.port", "must be an integer 0..65535, got ''"),
+        ("REGISTRY_LISTEN", "example.com", "listen.host", "must be an IP address such as '::' or '::1', got 'example.com'"),
+        ("REGISTRY_DB_PATH", " ", "database.path", "must be a non-empty string, got ' '"),
+        ("LOG_LEVEL", "loud", "logging.level", "must be one of debug|info|warn|error|fatal, got 'loud'"),
+        ("LOG_FORMAT", "xml", "logging.format", "must be one of json|text, got 'xml'"),
+        ("REGISTRY_HEARTBEAT_INTERVAL", "0s", "leases.heartbeat_interval", "must be a duration > 0, got '0s'"),
+        ("REGISTRY_API_KEY", "", "api_key", "must be a non-empty string (unset the variable to run without a key)"),
+    ],
+)
+def test_env_errors_name_the_variable(var, value, field, problem):
+    with pytest.raises(ConfigError) as info:
+        load_registry_config(None, {var: value})
+    e = info.value
+    assert e.source == f"environment variable {var}"
+    assert (e.field, e.problem) == (field, problem)
+    assert str(e) == f"environment variable {var}: {field}: {problem}"
+
+
+def test_env_api_key_with_whitespace_is_rejected_without_echo():
+    with pytest.raises(ConfigError) as info:
+        load_registry_config(None, {"REGISTRY_API_KEY": "abc def"})
+    assert "abc def" not in str(info.value)
+    assert "REGISTRY_API_KEY" in str(info.value)
+
+
+def test_file_error_reported_before_env(tmp_path):
+    p = write(tmp_path, "listen: {port: x}\n")
+    with pytest.raises(ConfigError) as info:
+        load_registry_config(str(p), {"REGISTRY_PORT": "9000"})
+    assert info.value.source == str(p)
+
+
+def test_env_table_is_the_documented_one():
+    assert dict(REGISTRY_ENV_VARS) == {
+        "REGISTRY_PORT": "listen.port",
+        "REGISTRY_LISTEN": "listen.host",
+        "REGISTRY_DB_PATH": "database.path",
+        "REGISTRY_API_KEY": "api_key",
+        "LOG_LEVEL": "logging.level",
+        "LOG_FORMAT": "logging.format",
+        "REGISTRY_HEARTBEAT_INTERVAL": "leases.heartbeat_interval",
+    }
+
+
+def test_every_env_var_reaches_its_field():
+    samples = {
+        "REGISTRY_PORT": ("9000", 9000),
+        "REGISTRY_LISTEN": ("::1", "::1"),
+        "REGISTRY_DB_PATH": ("/d.db", "/d.db"),
+        "REGISTRY_API_KEY": ("key", "key"),
+        "LOG_LEVEL": ("error", "error"),
+        "LOG_FORMAT": ("text", "text"),
+        "REGISTRY_HEARTBEAT_INTERVAL": ("2m", 120.0),
+    }
+    assert samples.keys() == REGISTRY_ENV_VARS.keys()
+    for var, (text, expected) in samples.items():
+        c = load_registry_config(None, {var: text})
+        obj = c
+        for part in REGISTRY_ENV_VARS[var].split("."):
+            obj = getattr(obj, part)
+        assert obj == expected, var
+
+
+def test_redacted_masks_the_api_key():
+    c = load_registry_config(None, {"REGISTRY_API_KEY": "topsecret"})
+    d = redacted(c)
+    assert d["api_key"] == "***"
+    assert "topsecret" not in repr(d)
+    assert "topsecret" not in repr(c)
+    assert d["listen"] == {"host": "::", "port": 8000}
+
+
+# --------------------------------------------------------------------------- reuse
+
+
+@attrs.frozen
+class _Node:
+    id: NonEmptyStr = NonEmptyStr("node-1")
+    listen_port: PositiveInt = PositiveInt(9000)
+
+
+@attrs.frozen
+class _Peers:
+    max_connections: PositiveInt = PositiveInt(10)
+    peer_timeout: Duration = Duration(60.0)
+
+
+@attrs.frozen
+class _NodeConfig:
+    node: _Node = attrs.field(factory=_Node)
+    peers: _Peers = attrs.field(factory=_Peers)
+
+
+def test_generic_loader_serves_another_config(tmp_path):
+    p = write(tmp_path, "node: {id: n7}\npeers: {peer_timeout: 90s}\n", "node.yaml")
+    env_vars = {"NODE_ID": "node.id", "PEER_TIMEOUT": "peers.peer_timeout"}
+    c = load_config(_NodeConfig, str(p), {"PEER_TIMEOUT": "2m"}, env_vars)
+    assert c.node.id == "n7"
+    assert c.peers.peer_timeout == 120.0
+    assert c.peers.max_connections == 10
+    with pytest.raises(ConfigError) as info:
+        load_config(_NodeConfig, str(p), {"NODE_ID": ""}, env_vars)
+    assert str(info.value) == "environment variable NODE_ID: node.id: must be a non-empty string, got ''"
+    bad = write(tmp_path, "peers: {max_connections: many}\n", "bad-node.yaml")
+    with pytest.raises(ConfigError) as info:
+        load_config(_NodeConfig, str(bad), {}, env_vars)
+    assert str(info.value) == f"{bad}: peers.max_connections: must be an integer >= 1, got 'many'"

@@ -1,0 +1,157 @@
+"""The ``trustnet`` command.
+
+    trustnet --version
+    trustnet addr NODE_ID
+    trustnet registry [--config PATH]
+
+Exit codes (architecture record, section 12): 0 ok, 1 runtime failure (the
+container restarts it), 2 invalid configuration or usage.
+
+Subcommands live in :data:`COMMANDS`; add one with :func:`command`. A command's
+``run(args) -> int`` imports heavy modules lazily so that every other command
+keeps working when one service's module is missing or broken.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+import attrs
+
+from trustnet.version import version
+
+__all__ = ["COMMANDS", "EXIT_CONFIG", "EXIT_FAILURE", "EXIT_OK", "Command", "build_parser", "command", "main"]
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+EXIT_INTERRUPTED = 130
+
+
+@attrs.frozen
+class Command:
+    name: str
+    help: str
+    configure: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+COMMANDS: dict[str, Command] = {}
+
+
+def command(name: str, help: str, configure: Callable[[argparse.ArgumentParser], None]):
+    """Decorator: register ``run(args) -> int`` as subcommand ``name``."""
+
+    def register(run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
+        COMMANDS[name] = Command(name, help, configure, run)
+        return run
+
+    return register
+
+
+# --------------------------------------------------------------------------- addr
+
+
+def _addr_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("node_id", metavar="NODE_ID", help="the node id")
+
+
+@command("addr", "print the ULA IPv6 address derived from a node id", _addr_args)
+def _addr(args: argparse.Namespace) -> int:
+    from trustnet.addressing import ula_for
+
+    try:
+        print(ula_for(args.node_id))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- registry
+
+
+def _registry_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", metavar="PATH", default=None,
+        help="registry YAML config (default: built-in defaults); "
+             "environment variables override it, see trustnet.config.REGISTRY_ENV_VARS",
+    )
+
+
+@command("registry", "run a registry replica (HTTP API, state, consensus)", _registry_args)
+def _registry(args: argparse.Namespace) -> int:
+    from trustnet.config import ConfigError, load_registry_config, redacted
+    from trustnet.logs import setup_logging
+    from trustnet.version import build_info
+
+    try:
+        config = load_registry_config(args.config, os.environ)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging("registry", config.logging.level, config.logging.format)
+    log = logging.getLogger("trustnet.cli")
+    log.info("config loaded", extra={"config_path": args.config, "config": redacted(config), **build_info()})
+
+    import importlib
+
+    import trio
+
+    try:
+        service = importlib.import_module("trustnet.registry.service")
+    except Exception:  # a broken install: say what is missing
+        log.critical("cannot load the registry service", exc_info=True)
+        return EXIT_FAILURE
+    try:
+        code = trio.run(service.serve, config)
+    except KeyboardInterrupt:
+        log.info("interrupted")
+        return EXIT_INTERRUPTED
+    except Exception:  # noqa: BLE001 - fail fast, the container restarts us
+        log.critical("registry failed", exc_info=True)
+        return EXIT_FAILURE
+    if code is None:
+        return EXIT_OK
+    if isinstance(code, bool) or not isinstance(code, int):
+        log.critical("registry service returned a non-int exit code", extra={"returned": repr(code)})
+        return EXIT_FAILURE
+    return code
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="trustnet",
+        description="TrustNet: a replicated node registry and an authenticated IPv6 mesh.",
+    )
+    parser.add_argument("--version", action="version", version=f"trustnet {version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for cmd in COMMANDS.values():
+        p = sub.add_parser(cmd.name, help=cmd.help, description=cmd.help)
+        cmd.configure(p)
+        p.set_defaults(_run=cmd.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``trustnet`` console script; exits non-zero on failure."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    run = getattr(args, "_run", None)
+    if run is None:
+        parser.print_help(sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
+    code = run(args)
+    if code:
+        raise SystemExit(code)
+
+
+if __name__ == "__main__":
+    main()

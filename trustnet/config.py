@@ -1,0 +1,607 @@
+"""Typed configuration: YAML files for setup, environment variables for runtime.
+
+Architecture record, section 8: a service reads one YAML file, then applies
+environment overrides; secrets (the API key) come only from the environment.
+Invalid configuration is a :class:`ConfigError` whose ``str`` is one line that
+names the source (file or environment variable) and the dotted field::
+
+    configs/bad.yaml: listen.port: must be an integer 1..65535, got 'abc'
+    environment variable REGISTRY_PORT: listen.port: must be an integer 1..65535, got 'x'
+
+The CLI prints it and exits 2.
+
+The machinery is generic: :func:`load_config` loads any tree of attrs classes
+from a YAML file plus a table ``{ENV_VAR: "dotted.field"}``. Field types are
+strict (``"8000"`` is not an int, ``true`` is not an int, ``1`` is not a
+string); constrained values use the ``NewType`` s below, whose structure hooks
+check type and range together. Add a config for another service by declaring
+attrs classes with these types, an env table, and calling :func:`load_config`.
+"""
+
+import ipaddress
+import math
+import os
+import re
+import types
+import typing
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NewType, TypeVar
+
+import attrs
+import cattrs
+import yaml
+from cattrs.errors import ClassValidationError, ForbiddenExtraKeysError, IterableValidationError
+from cattrs.gen import make_dict_structure_fn
+
+__all__ = [
+    "ApiKey",
+    "ConfigError",
+    "DatabaseConfig",
+    "Duration",
+    "FieldError",
+    "HttpConfig",
+    "IPHost",
+    "LeasesConfig",
+    "ListenConfig",
+    "ListenPort",
+    "LogFormat",
+    "LogLevel",
+    "LoggingConfig",
+    "NonEmptyStr",
+    "Port",
+    "PositiveInt",
+    "REGISTRY_ENV_VARS",
+    "TtlMultiplier",
+    "RegistryConfig",
+    "ReplicationConfig",
+    "converter",
+    "env_value",
+    "load_config",
+    "load_registry_config",
+    "make_converter",
+    "parse_duration",
+    "read_yaml",
+    "redacted",
+]
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ConfigError(Exception):
+    """Invalid configuration. ``str(err)`` is one line: ``source: field: problem``.
+
+    ``source`` is the file path or ``environment variable NAME``; ``field`` is the
+    dotted field (``listen.port``, ``replication.peers[1]``) or ``None`` for
+    file-level problems (unreadable file, bad YAML, ...).
+    """
+
+    def __init__(self, source: str, field: str | None, problem: str) -> None:
+        self.source = source
+        self.field = field
+        self.problem = problem
+        super().__init__(source, field, problem)
+
+    def __str__(self) -> str:
+        parts = [self.source, self.field, self.problem]
+        return ": ".join(p for p in parts if p).replace("\n", " ")
+
+
+class FieldError(ValueError):
+    """Raised by structure hooks; ``path`` is relative to the value being structured."""
+
+    def __init__(self, problem: str, path: tuple[str, ...] = ()) -> None:
+        self.problem = problem
+        self.path = path
+        super().__init__(problem)
+
+
+def _show(value: Any) -> str:
+    """A short rendering of a bad value for an error message, in YAML terms."""
+    if value is None:
+        return "null"
+    if value is True or value is False:
+        return "true" if value else "false"
+    if isinstance(value, Mapping):
+        return "a mapping"
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# --------------------------------------------------------------------------- value types
+
+Duration = NewType("Duration", float)
+"""Seconds (> 0). Accepts ``"150ms"``, ``"30s"``, ``"5m"``, ``"1h"``, ``"1m30s"`` or a number."""
+Port = NewType("Port", int)
+"""A TCP port 1..65535."""
+ListenPort = NewType("ListenPort", int)
+"""A TCP port to bind, 0..65535; 0 means any free port (tests)."""
+PositiveInt = NewType("PositiveInt", int)
+"""An integer >= 1."""
+TtlMultiplier = NewType("TtlMultiplier", int)
+"""An integer >= 2: a lease must survive at least one late heartbeat."""
+IPHost = NewType("IPHost", str)
+"""An IPv6 or IPv4 address to bind, e.g. ``"::"`` (all interfaces) or ``"::1"``."""
+LogLevel = NewType("LogLevel", str)
+"""debug | info | warn | error | fatal (normalised to lower case)."""
+LogFormat = NewType("LogFormat", str)
+"""json | text."""
+NonEmptyStr = NewType("NonEmptyStr", str)
+"""A string that is not empty or only whitespace."""
+ApiKey = NewType("ApiKey", str)
+"""A secret token: non-empty, no whitespace or control characters."""
+
+LOG_LEVELS = ("debug", "info", "warn", "error", "fatal")
+_LOG_LEVEL_ALIASES = {"warning": "warn", "critical": "fatal"}
+LOG_FORMATS = ("json", "text")
+
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?|\.\d+)(ms|s|m|h)")
+_DURATION_HINT = "a duration such as '150ms', '30s', '5m', '1h' or a number of seconds"
+
+
+def parse_duration(value: object) -> float:
+    """Seconds as a float from ``"150ms"``, ``"30s"``, ``"5m"``, ``"1h"``, ``"1h30m"``,
+    ``"2.5"`` or a number. Must be finite and > 0; raises :class:`FieldError`."""
+    seconds: float
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise FieldError(f"must be {_DURATION_HINT}, got {_show(value)}")
+    if isinstance(value, str):
+        text = value.strip().lower()
+        try:
+            seconds = float(text)
+        except ValueError:
+            pos, seconds = 0, 0.0
+            for m in _DURATION_PART.finditer(text):
+                if m.start() != pos:
+                    break
+                seconds += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+                pos = m.end()
+            if pos != len(text) or not text:
+                raise FieldError(f"must be {_DURATION_HINT}, got {_show(value)}") from None
+    else:
+        seconds = float(value)
+    if not math.isfinite(seconds) or seconds <= 0:
+        raise FieldError(f"must be a duration > 0, got {_show(value)}")
+    return seconds
+
+
+def _int_in(value: object, lo: int, hi: int | None) -> int:
+    if type(value) is not int or value < lo or (hi is not None and value > hi):
+        bounds = f"{lo}..{hi}" if hi is not None else f">= {lo}"
+        raise FieldError(f"must be an integer {bounds}, got {_show(value)}")
+    return value
+
+
+def _strict(kind: type, name: str) -> Callable[[object, Any], Any]:
+    def hook(value: object, _t: Any) -> Any:
+        # type(), not isinstance(): True is an int. An int is accepted as a float.
+        ok = type(value) is kind or (kind is float and type(value) is int)
+        if not ok:
+            raise FieldError(f"must be {name}, got {_show(value)}")
+        return kind(value)
+
+    return hook
+
+
+def _ip_host(value: object, _t: Any) -> str:
+    if not isinstance(value, str):
+        raise FieldError(f"must be an IP address such as '::' or '::1', got {_show(value)}")
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        hint = " (without brackets)" if value.startswith("[") else ""
+        raise FieldError(
+            f"must be an IP address such as '::' or '::1'{hint}, got {_show(value)}"
+        ) from None
+    return value
+
+
+def _one_of(choices: tuple[str, ...], aliases: Mapping[str, str] | None = None):
+    def hook(value: object, _t: Any) -> str:
+        if isinstance(value, str):
+            v = value.strip().lower()
+            v = (aliases or {}).get(v, v)
+            if v in choices:
+                return v
+        raise FieldError(f"must be one of {'|'.join(choices)}, got {_show(value)}")
+
+    return hook
+
+
+def _non_empty_str(value: object, _t: Any) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise FieldError(f"must be a non-empty string, got {_show(value)}")
+    return value
+
+
+def _api_key(value: object, _t: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise FieldError("must be a non-empty string (unset the variable to run without a key)")
+    if any(c.isspace() or not c.isprintable() for c in value):
+        # never echo a secret back
+        raise FieldError("must not contain whitespace or control characters")
+    return value
+
+
+# --------------------------------------------------------------------------- converter
+
+
+def _is_attrs(t: Any) -> bool:
+    return isinstance(t, type) and attrs.has(t)
+
+
+def _is_list(t: Any) -> bool:
+    return typing.get_origin(t) is list
+
+
+def _attrs_hook_factory(cls: type, conv: cattrs.Converter):
+    inner = make_dict_structure_fn(
+        cls, conv, _cattrs_forbid_extra_keys=True, _cattrs_detailed_validation=True
+    )
+
+    def structure(value: object, _t: Any) -> Any:
+        if value is None:  # a section whose keys are all commented out: defaults
+            value = {}
+        if not isinstance(value, Mapping):
+            raise FieldError(f"must be a mapping, got {_show(value)}")
+        return inner(value, cls)
+
+    return structure
+
+
+def _list_hook_factory(t: Any, conv: cattrs.Converter):
+    (item_type,) = typing.get_args(t) or (Any,)
+
+    def structure(value: object, _t: Any) -> list[Any]:
+        if not isinstance(value, list):
+            raise FieldError(f"must be a list, got {_show(value)}")
+        out = []
+        for i, item in enumerate(value):
+            try:
+                out.append(conv.structure(item, item_type))
+            except Exception as exc:  # noqa: BLE001 - re-raised with its index
+                path, problem = _first_problem(exc)
+                raise FieldError(problem, (f"[{i}]", *path)) from exc
+        return out
+
+    return structure
+
+
+def make_converter() -> cattrs.Converter:
+    """A converter with strict scalar hooks and the config value types."""
+    conv = cattrs.Converter(forbid_extra_keys=True, detailed_validation=True)
+    conv.register_structure_hook(int, _strict(int, "an integer"))
+    conv.register_structure_hook(float, _strict(float, "a number"))
+    conv.register_structure_hook(bool, _strict(bool, "true or false"))
+    conv.register_structure_hook(str, _strict(str, "a string"))
+    conv.register_structure_hook(Duration, lambda v, _t: parse_duration(v))
+    conv.register_structure_hook(Port, lambda v, _t: _int_in(v, 1, 65535))
+    conv.register_structure_hook(ListenPort, lambda v, _t: _int_in(v, 0, 65535))
+    conv.register_structure_hook(PositiveInt, lambda v, _t: _int_in(v, 1, None))
+    conv.register_structure_hook(TtlMultiplier, lambda v, _t: _int_in(v, 2, None))
+    conv.register_structure_hook(IPHost, _ip_host)
+    conv.register_structure_hook(LogLevel, _one_of(LOG_LEVELS, _LOG_LEVEL_ALIASES))
+    conv.register_structure_hook(LogFormat, _one_of(LOG_FORMATS))
+    conv.register_structure_hook(NonEmptyStr, _non_empty_str)
+    conv.register_structure_hook(ApiKey, _api_key)
+    conv.register_structure_hook_factory(_is_list, _list_hook_factory)
+    conv.register_structure_hook_factory(_is_attrs, _attrs_hook_factory)
+    return conv
+
+
+converter = make_converter()
+"""The shared converter; use it for every config tree."""
+
+
+# --------------------------------------------------------------------------- error paths
+
+
+def _allowed_keys(cls: type) -> list[str]:
+    return [f.name for f in attrs.fields(cls) if not f.metadata.get("secret")]
+
+
+def _leaves(exc: BaseException, path: tuple[str, ...]) -> Iterator[tuple[tuple[str, ...], str]]:
+    """Every leaf problem in a (nested) cattrs error, with its field path."""
+    if isinstance(exc, ClassValidationError):
+        with_notes, others = exc.group_exceptions()
+        # unknown keys first: a typo'd key usually explains the other problems
+        for e in others:
+            if isinstance(e, ForbiddenExtraKeysError):
+                yield from _leaves(e, path)
+        for e, note in with_notes:
+            yield from _leaves(e, (*path, note.name))
+        for e in others:
+            if not isinstance(e, ForbiddenExtraKeysError):
+                yield from _leaves(e, path)
+    elif isinstance(exc, IterableValidationError):
+        with_notes, others = exc.group_exceptions()
+        for e, note in with_notes:
+            yield from _leaves(e, (*path, f"[{note.index}]"))
+        for e in others:
+            yield from _leaves(e, path)
+    elif isinstance(exc, ForbiddenExtraKeysError):
+        keys = sorted(map(str, exc.extra_fields))
+        allowed = ", ".join(_allowed_keys(exc.cl))
+        if len(keys) == 1:
+            yield (*path, keys[0]), f"unknown key (allowed here: {allowed})"
+        else:
+            names = ", ".join(repr(k) for k in keys)
+            yield path, f"unknown keys {names} (allowed here: {allowed})"
+    elif isinstance(exc, FieldError):
+        yield (*path, *exc.path), exc.problem
+    elif isinstance(exc, BaseExceptionGroup):
+        for e in exc.exceptions:
+            yield from _leaves(e, path)
+    else:
+        yield path, f"invalid value: {exc}"
+
+
+def _first_problem(exc: BaseException) -> tuple[tuple[str, ...], str]:
+    for leaf in _leaves(exc, ()):
+        return leaf
+    return (), str(exc)
+
+
+def _dotted(path: tuple[str, ...]) -> str:
+    out = ""
+    for seg in path:
+        out += seg if seg.startswith("[") or not out else "." + seg
+    return out
+
+
+# --------------------------------------------------------------------------- loading
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that rejects duplicate keys instead of keeping the last one."""
+
+    def construct_mapping(self, node, deep=False):  # type: ignore[override]
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                dup = key in seen
+            except TypeError:
+                continue  # unhashable key: SafeLoader reports it below
+            if dup:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r}", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: str | os.PathLike[str]) -> Any:
+    """Parse a YAML file; every failure is a :class:`ConfigError` naming the file."""
+    source = os.fspath(path)
+    try:
+        with open(source, encoding="utf-8") as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise ConfigError(source, None, "cannot read config file: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(source, None, "cannot read config file: is a directory") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, None, f"cannot read config file: not UTF-8 text ({exc.reason})") from None
+    except OSError as exc:
+        raise ConfigError(source, None, f"cannot read config file: {exc.strerror or exc}") from None
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = exc.problem or exc.context or "syntax error"
+        raise ConfigError(source, None, f"{where}invalid YAML: {problem}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(source, None, f"invalid YAML: {exc}") from None
+
+
+def _field(cls: type, dotted: str) -> attrs.Attribute:
+    """The attrs field at a dotted path (``"listen.port"``)."""
+    *parents, last = dotted.split(".")
+    for name in parents:
+        cls = attrs.fields_dict(cls)[name].type
+    return attrs.fields_dict(cls)[last]
+
+
+def _base_type(t: Any) -> Any:
+    """Strip ``X | None`` and NewTypes down to a builtin type (Duration stays)."""
+    args = typing.get_args(t)
+    if typing.get_origin(t) in (typing.Union, types.UnionType) and type(None) in args:
+        (t,) = [a for a in args if a is not type(None)]
+    while t is not Duration and isinstance(t, NewType):
+        t = t.__supertype__
+    return t
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def env_value(text: str, t: Any) -> Any:
+    """Turn an environment string into the raw value the field's hook expects.
+
+    Unparseable text is passed through unchanged so that the hook's message
+    (``must be an integer 1..65535, got 'abc'``) describes it.
+    """
+    base = _base_type(t)
+    s = text.strip()
+    if base is bool:
+        low = s.lower()
+        return True if low in _TRUE else False if low in _FALSE else text
+    if base is int:
+        return int(s) if re.fullmatch(r"[+-]?\d+", s) else text
+    if base is float:
+        try:
+            return float(s)
+        except ValueError:
+            return text
+    if _is_list(base):
+        return [part.strip() for part in s.split(",") if part.strip()]
+    return text
+
+
+def _set(obj: T, path: list[str], value: Any) -> T:
+    name, *rest = path
+    if rest:
+        value = _set(getattr(obj, name), rest, value)
+    return attrs.evolve(obj, **{name: value})
+
+
+def _reject_secrets(cls: type, raw: Mapping[Any, Any], path: tuple[str, ...],
+                    env_vars: Mapping[str, str], source: str) -> None:
+    for f in attrs.fields(cls):
+        if f.name not in raw:
+            continue
+        dotted = _dotted((*path, f.name))
+        if f.metadata.get("secret"):
+            var = next((v for v, d in env_vars.items() if d == dotted), None)
+            where = f"set {var} in the environment" if var else "set it in the environment"
+            raise ConfigError(source, dotted, f"secrets are never read from config files; {where}")
+        if _is_attrs(f.type) and isinstance(raw[f.name], Mapping):
+            _reject_secrets(f.type, raw[f.name], (*path, f.name), env_vars, source)
+
+
+def load_config(cls: type[T], path: str | os.PathLike[str] | None,
+                env: Mapping[str, str], env_vars: Mapping[str, str]) -> T:
+    """Load ``cls`` (an attrs class) from a YAML file, then apply env overrides.
+
+    ``path=None`` means no file: every field takes its default. ``env_vars`` maps
+    an environment variable to the dotted field it sets; the variables present in
+    ``env`` are applied after the file, in table order, each validated like the
+    file's value. Fields with ``metadata={"secret": True}`` are rejected in the
+    file and may only come from the environment. Raises :class:`ConfigError`.
+    """
+    if path is None:
+        raw: Any = {}
+        source = "<defaults>"
+    else:
+        source = os.fspath(path)
+        raw = read_yaml(source)
+        if raw is None:  # empty file (or only comments)
+            raw = {}
+        if not isinstance(raw, Mapping):
+            sections = ", ".join(_allowed_keys(cls))
+            raise ConfigError(
+                source, None, f"top level must be a mapping with sections {sections}; got {_show(raw)}"
+            )
+        _reject_secrets(cls, raw, (), env_vars, source)
+    try:
+        config = converter.structure(raw, cls)
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a ConfigError
+        field_path, problem = _first_problem(exc)
+        raise ConfigError(source, _dotted(field_path) or None, problem) from None
+
+    for var, dotted in env_vars.items():
+        if var not in env:
+            continue
+        t = _field(cls, dotted).type
+        try:
+            value = converter.structure(env_value(env[var], t), t)
+        except Exception as exc:  # noqa: BLE001
+            sub, problem = _first_problem(exc)
+            raise ConfigError(f"environment variable {var}", dotted + _dotted(sub), problem) from None
+        config = _set(config, dotted.split("."), value)
+    return config
+
+
+def redacted(config: Any) -> dict[str, Any]:
+    """The config as plain data for a "config loaded" log line; secrets masked."""
+
+    def walk(obj: Any) -> Any:
+        if not attrs.has(type(obj)):
+            return obj
+        out = {}
+        for f in attrs.fields(type(obj)):
+            v = getattr(obj, f.name)
+            if f.metadata.get("secret"):
+                out[f.name] = None if v is None else "***"
+            else:
+                out[f.name] = walk(v)
+        return out
+
+    return walk(config)
+
+
+# --------------------------------------------------------------------------- registry
+
+
+@attrs.frozen
+class ListenConfig:
+    host: IPHost = IPHost("::")
+    port: ListenPort = ListenPort(8000)
+
+
+@attrs.frozen
+class DatabaseConfig:
+    path: NonEmptyStr = NonEmptyStr("./data/registry.db")
+
+
+@attrs.frozen
+class ReplicationConfig:
+    enabled: bool = False
+    peers: list[NonEmptyStr] = attrs.field(factory=list)
+    interval: Duration = Duration(60.0)
+
+
+@attrs.frozen
+class LoggingConfig:
+    level: LogLevel = LogLevel("info")
+    format: LogFormat = LogFormat("json")
+
+
+@attrs.frozen
+class LeasesConfig:
+    """A node's lease lives ``heartbeat_interval * ttl_multiplier`` seconds after
+    its last heartbeat; the leader checkpoints lease deadlines through the log
+    every ``checkpoint_interval``."""
+
+    heartbeat_interval: Duration = Duration(30.0)
+    ttl_multiplier: TtlMultiplier = TtlMultiplier(3)
+    checkpoint_interval: Duration = Duration(5.0)
+
+    @property
+    def ttl(self) -> float:
+        """Lease time-to-live in seconds."""
+        return self.heartbeat_interval * self.ttl_multiplier
+
+
+@attrs.frozen
+class HttpConfig:
+    max_body_bytes: PositiveInt = PositiveInt(65536)
+    request_timeout: Duration = Duration(10.0)
+
+
+@attrs.frozen
+class RegistryConfig:
+    """Registry service configuration (``configs/registry.yaml``)."""
+
+    listen: ListenConfig = attrs.field(factory=ListenConfig)
+    database: DatabaseConfig = attrs.field(factory=DatabaseConfig)
+    replication: ReplicationConfig = attrs.field(factory=ReplicationConfig)
+    logging: LoggingConfig = attrs.field(factory=LoggingConfig)
+    leases: LeasesConfig = attrs.field(factory=LeasesConfig)
+    http: HttpConfig = attrs.field(factory=HttpConfig)
+    api_key: ApiKey | None = attrs.field(default=None, repr=False, metadata={"secret": True})
+
+
+REGISTRY_ENV_VARS: Mapping[str, str] = types.MappingProxyType({
+    "REGISTRY_PORT": "listen.port",
+    "REGISTRY_LISTEN": "listen.host",
+    "REGISTRY_DB_PATH": "database.path",
+    "REGISTRY_API_KEY": "api_key",
+    "LOG_LEVEL": "logging.level",
+    "LOG_FORMAT": "logging.format",
+    "REGISTRY_HEARTBEAT_INTERVAL": "leases.heartbeat_interval",
+})
+"""Environment variable -> dotted field of :class:`RegistryConfig`, applied after the file."""
+
+
+def load_registry_config(path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> RegistryConfig:
+    """Load the registry config from ``path`` (``None``: defaults) and ``env``."""
+    return load_config(RegistryConfig, path, env, REGISTRY_ENV_VARS)

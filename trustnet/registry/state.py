@@ -1,0 +1,658 @@
+"""The registry's deterministic state machine on SQLite.
+
+Consensus commits commands to a log and every replica applies them here, in
+log order. Replicas must end in the same state, so `apply` reads no clock,
+draws no random number and iterates nothing in an unspecified order: every
+timestamp comes inside the command and every query that decides something
+has an ORDER BY or a key.
+
+Applying a command and recording its log index happen in one transaction,
+so after a crash the replica knows exactly which entries it still has to
+apply, and replaying an entry it already applied is a no-op.
+"""
+
+from __future__ import annotations
+
+import enum
+import functools
+import hashlib
+import ipaddress
+import math
+import os
+import sqlite3
+import threading
+from datetime import UTC, datetime
+from typing import Any, Callable, Iterator
+
+import orjson
+import sqlite_utils
+
+from actors.errors import Refused
+
+from .commands import (
+    AddPeer,
+    CheckpointLeases,
+    Conflict,
+    CreateDomain,
+    DeleteNode,
+    ExpireNodes,
+    Invalid,
+    LeaseEntry,
+    NotFound,
+    RegisterNode,
+    RemovePeer,
+)
+
+__all__ = [
+    "AlreadyApplied",
+    "DatabaseUnavailable",
+    "NotARegistryDatabase",
+    "RegistryState",
+    "StorageError",
+    "domain_id_for",
+]
+
+APP = "trustnet-registry"
+SCHEMA_VERSION = 1
+MAX_PAGE = 1000
+BUSY_TIMEOUT_MS = 5000
+# fromtimestamp() and ISO 8601 stop at year 9999; a bigger value must be
+# refused, not crash every replica that replays it.
+_MAX_SECONDS = 253402300799.0
+
+_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value);
+CREATE TABLE domains (
+    id TEXT PRIMARY KEY,
+    name TEXT UNIQUE NOT NULL,
+    created_at TEXT
+);
+CREATE TABLE nodes (
+    id TEXT PRIMARY KEY,
+    domain_id TEXT NOT NULL REFERENCES domains(id),
+    ipv6_addr TEXT UNIQUE NOT NULL,
+    port INTEGER NOT NULL,
+    reputation REAL NOT NULL DEFAULT 0.5,
+    last_heartbeat TEXT,
+    registered_at TEXT,
+    lease_deadline REAL,
+    public_key TEXT
+);
+CREATE INDEX nodes_domain_id ON nodes(domain_id, id);
+CREATE TABLE peers (
+    node_a TEXT NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
+    node_b TEXT NOT NULL REFERENCES nodes(id) ON DELETE CASCADE,
+    connected_at TEXT,
+    PRIMARY KEY (node_a, node_b),
+    CHECK (node_a < node_b)
+);
+-- without it, the cascade from deleting a node scans every peer row
+CREATE INDEX peers_node_b ON peers(node_b);
+"""
+
+# CROSS JOIN pins nodes as the outer loop, so pages walk an index in id
+# order instead of sorting a whole domain.
+_NODE_SELECT = """
+SELECT n.id, d.name AS domain, n.ipv6_addr AS ipv6, n.port, n.reputation,
+       n.last_heartbeat, n.registered_at, n.lease_deadline, n.public_key
+FROM nodes AS n CROSS JOIN domains AS d ON d.id = n.domain_id
+"""
+
+_HASHED_TABLES = (
+    ("domains", "id, name, created_at", "id"),
+    ("nodes", "id, domain_id, ipv6_addr, port, reputation, last_heartbeat, "
+              "registered_at, lease_deadline, public_key", "id"),
+    ("peers", "node_a, node_b, connected_at", "node_a, node_b"),
+)
+
+
+class StorageError(Exception):
+    """The registry database cannot be used; the message says which file and why."""
+
+
+class DatabaseUnavailable(StorageError):
+    """The database file cannot be opened or written (missing directory, permissions...)."""
+
+
+class NotARegistryDatabase(StorageError):
+    """The file opens, but is not a TrustNet registry this version can use."""
+
+
+class _Skip(enum.Enum):
+    ALREADY_APPLIED = "already_applied"
+
+    def __repr__(self) -> str:
+        return "AlreadyApplied"
+
+
+AlreadyApplied = _Skip.ALREADY_APPLIED
+"""The result slot of an entry whose index was already applied (a replay): it
+was applied before, possibly by an earlier process, and was not applied again.
+Its original result is not kept; it is neither a result nor a refusal."""
+
+
+def domain_id_for(name: str) -> str:
+    """A domain's id, derived from its name so every replica derives the same."""
+    return "dom-" + hashlib.sha256(name.encode()).hexdigest()[:16]
+
+
+def _serialized(method: Callable) -> Callable:
+    # The actor may apply a batch in a worker thread while it reads on the
+    # event loop; one lock keeps reads from seeing a half-applied batch.
+    @functools.wraps(method)
+    def locked(self: RegistryState, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return locked
+
+
+class RegistryState:
+    """Domains, nodes and peers in one SQLite file, changed only by `apply`."""
+
+    def __init__(self, db: sqlite_utils.Database, path: str, applied_index: int):
+        self._db = db
+        self._conn: sqlite3.Connection = db.conn
+        self._path = path
+        self._applied = applied_index
+        self._lock = threading.RLock()
+        self._handlers: dict[type, Callable[[Any], dict]] = {
+            RegisterNode: self._register_node,
+            DeleteNode: self._delete_node,
+            CreateDomain: self._create_domain,
+            AddPeer: self._add_peer,
+            RemovePeer: self._remove_peer,
+            ExpireNodes: self._expire_nodes,
+            CheckpointLeases: self._checkpoint_leases,
+        }
+
+    # ------------------------------------------------------------ lifecycle
+
+    @classmethod
+    def open(cls, path: str) -> RegistryState:
+        """Open (creating if empty) the registry at `path`; ":memory:" is allowed.
+
+        Raises DatabaseUnavailable or NotARegistryDatabase with the path and why.
+        """
+        conn = _connect(path)
+        try:
+            db = sqlite_utils.Database(conn, execute_plugins=False)
+            applied = _prepare(db, path)
+        except sqlite3.DatabaseError as exc:
+            conn.close()
+            raise _storage_error(path, exc) from exc
+        except BaseException:
+            conn.close()
+            raise
+        return cls(db, path, applied)
+
+    @_serialized
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> RegistryState:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def path(self) -> str:
+        return self._path
+
+    @property
+    def applied_index(self) -> int:
+        """The log index of the last entry applied (0 for a new registry)."""
+        return self._applied
+
+    # ------------------------------------------------------------ applying
+
+    def apply(self, index: int, cmd: Any) -> Any:
+        """Apply one committed entry: its result, AlreadyApplied, or raise its refusal.
+
+        A refused entry still counts as applied: its index is recorded, because
+        replaying it would only be refused again.
+        """
+        [result] = self.apply_batch([(index, cmd)])
+        if isinstance(result, Refused):
+            raise result
+        return result
+
+    @_serialized
+    def apply_batch(self, items: list[tuple[int, Any]]) -> list[Any]:
+        """Apply entries in one transaction (one fsync); one result per entry.
+
+        A slot holds the command's result dict, the Refused it raised (only
+        that command is rolled back) or AlreadyApplied for an index at or
+        below applied_index. Any other exception rolls back the whole batch
+        and propagates. Indices must increase; gaps are allowed (consensus
+        may skip entries that are not commands).
+        """
+        _check_indices(items)
+        applied = self._applied
+        results: list[Any] = []
+        with self._transaction():
+            for index, cmd in items:
+                if index <= applied:
+                    results.append(AlreadyApplied)
+                    continue
+                results.append(self._apply_one(cmd))
+                applied = index
+            if applied != self._applied:
+                self._conn.execute("UPDATE meta SET value = ? WHERE key = 'applied_index'",
+                                   [applied])
+        self._applied = applied
+        return results
+
+    def _apply_one(self, cmd: Any) -> Any:
+        handler = self._handlers.get(type(cmd))
+        if handler is None:
+            # A bug, not a refusal: refusing would let replicas of different
+            # versions silently diverge.
+            raise TypeError(f"not a registry command: {type(cmd).__qualname__}")
+        self._conn.execute("SAVEPOINT command")
+        try:
+            result = handler(cmd)
+        except Refused as refusal:
+            self._conn.execute("ROLLBACK TO command")
+            self._conn.execute("RELEASE command")
+            return refusal
+        self._conn.execute("RELEASE command")
+        return result
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._conn)
+
+    # ------------------------------------------------------------ handlers
+
+    def _register_node(self, cmd: RegisterNode) -> dict:
+        node_id, ipv6, port, domain, at, deadline, key = _registration(cmd)
+        holder = self._scalar("SELECT id FROM nodes WHERE ipv6_addr = ?", [ipv6])
+        if holder is not None and holder != node_id:
+            raise Conflict("ipv6_taken", f"{ipv6} is already registered by node {holder!r}",
+                           {"ipv6": ipv6, "node_id": holder})
+        domain_id = self._ensure_domain(domain, at)
+        self._db.execute(
+            """INSERT INTO nodes (id, domain_id, ipv6_addr, port, last_heartbeat,
+                                  registered_at, lease_deadline, public_key)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (id) DO UPDATE SET
+                 domain_id = excluded.domain_id, ipv6_addr = excluded.ipv6_addr,
+                 port = excluded.port, last_heartbeat = excluded.last_heartbeat,
+                 lease_deadline = excluded.lease_deadline,
+                 public_key = coalesce(excluded.public_key, nodes.public_key)""",
+            [node_id, domain_id, ipv6, port, at, at, deadline, key])
+        return self._node_or_none(node_id)
+
+    def _ensure_domain(self, name: str, at: str) -> str:
+        domain_id = domain_id_for(name)
+        known = self._scalar("SELECT name FROM domains WHERE id = ?", [domain_id])
+        if known is None:
+            self._db.execute("INSERT INTO domains (id, name, created_at) VALUES (?, ?, ?)",
+                             [domain_id, name, at])
+        elif known != name:  # a 64-bit hash collision: refuse rather than merge domains
+            raise Conflict("domain_exists", f"domain {name!r} would share id {domain_id} "
+                           f"with domain {known!r}", {"domain": name, "id": domain_id})
+        return domain_id
+
+    def _create_domain(self, cmd: CreateDomain) -> dict:
+        name, at = _text(cmd.name, "name"), _iso(cmd.at, "at")
+        if self._scalar("SELECT 1 FROM domains WHERE name = ?", [name]):
+            raise Conflict("domain_exists", f"domain {name!r} already exists", {"domain": name})
+        return self._domain_row(self._ensure_domain(name, at))
+
+    def _delete_node(self, cmd: DeleteNode) -> dict:
+        node_id = _text(cmd.node_id, "node_id")
+        node = self._node_or_none(node_id)
+        if node is None:
+            raise NotFound(f"node {node_id!r} is not registered", {"node_id": node_id})
+        self._db.execute("DELETE FROM nodes WHERE id = ?", [node_id])  # peers cascade
+        return node
+
+    def _add_peer(self, cmd: AddPeer) -> dict:
+        a, b = _pair(cmd.node_a, cmd.node_b)
+        at = _iso(cmd.at, "at")
+        for node_id in (a, b):
+            if not self._scalar("SELECT 1 FROM nodes WHERE id = ?", [node_id]):
+                raise NotFound(f"node {node_id!r} is not registered", {"node_id": node_id})
+        # Re-adding a known link keeps its first connected_at: AddPeer is idempotent.
+        self._db.execute("INSERT INTO peers (node_a, node_b, connected_at) VALUES (?, ?, ?) "
+                         "ON CONFLICT DO NOTHING", [a, b, at])
+        return self._peer_rows("WHERE node_a = ? AND node_b = ?", [a, b])[0]
+
+    def _remove_peer(self, cmd: RemovePeer) -> dict:
+        a, b = _pair(cmd.node_a, cmd.node_b)
+        cur = self._db.execute("DELETE FROM peers WHERE node_a = ? AND node_b = ?", [a, b])
+        if cur.rowcount == 0:
+            raise NotFound(f"no peer link between {a!r} and {b!r}", {"node_a": a, "node_b": b})
+        return {"node_a": a, "node_b": b}
+
+    def _expire_nodes(self, cmd: ExpireNodes) -> dict:
+        node_ids = _text_tuple(cmd.node_ids, "node_ids")
+        _iso(cmd.at, "at")
+        expired = [node_id for node_id in node_ids
+                   if self._db.execute("DELETE FROM nodes WHERE id = ?", [node_id]).rowcount]
+        return {"expired": expired}
+
+    def _checkpoint_leases(self, cmd: CheckpointLeases) -> dict:
+        rows = [_lease_row(entry) for entry in _entries(cmd.entries)]
+        cur = self._conn.executemany(
+            "UPDATE nodes SET lease_deadline = ?, last_heartbeat = ? WHERE id = ?", rows)
+        return {"updated": max(cur.rowcount, 0)}
+
+    # ------------------------------------------------------------ reads
+
+    @_serialized
+    def get_node(self, node_id: str) -> dict:
+        node = self._node_or_none(node_id)
+        if node is None:
+            raise NotFound(f"node {node_id!r} is not registered", {"node_id": node_id})
+        return node
+
+    @_serialized
+    def list_nodes(self, domain: str | None = None, limit: int = 100,
+                   after: str | None = None) -> dict:
+        """One page of nodes in id order: {"nodes": [...], "next": cursor or None}.
+
+        Pass `next` back as `after` for the following page. Keyset pagination
+        on an index: a page costs the same at node 100,000 as at node 1.
+        An unknown domain raises NotFound (an empty domain gives an empty page).
+        """
+        limit = _page_size(limit)
+        where, params = [], []
+        if domain is not None:
+            where.append("n.domain_id = ?")
+            params.append(self._domain_id(domain))
+        if after is not None:
+            where.append("n.id > ?")
+            params.append(_text(after, "after"))
+        sql = _NODE_SELECT + (" WHERE " + " AND ".join(where) if where else "")
+        rows = list(self._db.query(sql + " ORDER BY n.id LIMIT ?", [*params, limit + 1]))
+        more = len(rows) > limit
+        return {"nodes": rows[:limit], "next": rows[limit - 1]["id"] if more else None}
+
+    @_serialized
+    def list_domains(self) -> list[dict]:
+        return list(self._db.query("SELECT id, name, created_at FROM domains ORDER BY name"))
+
+    @_serialized
+    def list_peers(self, node_id: str | None = None) -> list[dict]:
+        """All peer links, or those of one node (NotFound if it is not registered)."""
+        if node_id is None:
+            return self._peer_rows("", [])
+        if self._node_or_none(node_id) is None:
+            raise NotFound(f"node {node_id!r} is not registered", {"node_id": node_id})
+        # OR across two columns defeats both indexes; a union uses each.
+        return list(self._db.query(
+            "SELECT node_a, node_b, connected_at FROM peers WHERE node_a = ? UNION ALL "
+            "SELECT node_a, node_b, connected_at FROM peers WHERE node_b = ? "
+            "ORDER BY node_a, node_b", [node_id, node_id]))
+
+    @_serialized
+    def lease_table(self) -> dict[str, tuple[float | None, float | None]]:
+        """node id -> (lease deadline, last heartbeat), both Unix seconds or None."""
+        return {node_id: (deadline, _seconds(heartbeat)) for node_id, deadline, heartbeat
+                in self._conn.execute("SELECT id, lease_deadline, last_heartbeat FROM nodes")}
+
+    @_serialized
+    def node_count(self) -> int:
+        return self._scalar("SELECT count(*) FROM nodes", [])
+
+    @_serialized
+    def state_hash(self) -> str:
+        """sha256 over every row of domains, nodes and peers in key order.
+
+        Two replicas at the same applied_index must report the same hash.
+        """
+        digest = hashlib.sha256()
+        for table, columns, order in _HASHED_TABLES:
+            digest.update(f"table {table}\n".encode())
+            for row in self._conn.execute(f"SELECT {columns} FROM {table} ORDER BY {order}"):
+                digest.update(orjson.dumps(row) + b"\n")
+        return digest.hexdigest()
+
+    # ------------------------------------------------------------ helpers
+
+    def _scalar(self, sql: str, params: list) -> Any:
+        row = self._conn.execute(sql, params).fetchone()
+        return None if row is None else row[0]
+
+    def _node_or_none(self, node_id: str) -> dict | None:
+        # list(): drain the cursor so no statement stays open into COMMIT
+        rows = list(self._db.query(_NODE_SELECT + " WHERE n.id = ?", [node_id]))
+        return rows[0] if rows else None
+
+    def _domain_row(self, domain_id: str) -> dict:
+        [row] = self._db.query("SELECT id, name, created_at FROM domains WHERE id = ?",
+                               [domain_id])
+        return row
+
+    def _domain_id(self, name: str) -> str:
+        domain_id = self._scalar("SELECT id FROM domains WHERE name = ?", [name])
+        if domain_id is None:
+            raise NotFound(f"domain {name!r} does not exist", {"domain": name})
+        return domain_id
+
+    def _peer_rows(self, where: str, params: list) -> list[dict]:
+        return list(self._db.query(
+            f"SELECT node_a, node_b, connected_at FROM peers {where} ORDER BY node_a, node_b",
+            params))
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
+
+    def __init__(self, conn: sqlite3.Connection):
+        self._conn = conn
+
+    def __enter__(self) -> None:
+        # IMMEDIATE takes the write lock now, not halfway through a batch.
+        self._conn.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: type | None, *rest: object) -> None:
+        if exc_type is None:
+            try:
+                self._conn.execute("COMMIT")
+                return
+            except BaseException:
+                self._rollback()
+                raise
+        self._rollback()
+
+    def _rollback(self) -> None:
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+
+
+# ---------------------------------------------------------------- opening
+
+
+def _connect(path: str) -> sqlite3.Connection:
+    why = _unopenable(path)
+    if why:
+        raise DatabaseUnavailable(f"cannot open registry database {path!r}: {why}")
+    try:
+        # isolation_level=None: transactions are ours (BEGIN/SAVEPOINT), never implicit.
+        return sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise _storage_error(path, exc) from exc
+
+
+def _unopenable(path: str) -> str | None:
+    """Why `path` cannot be a database file, for the common cases SQLite words badly."""
+    if path == ":memory:":
+        return None
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        return "it is a directory"
+    if not os.path.isdir(parent):
+        return f"directory {parent!r} does not exist"
+    if os.path.exists(path) and not os.access(path, os.R_OK | os.W_OK):
+        return "no permission to read and write it"
+    if not os.path.exists(path) and not os.access(parent, os.W_OK | os.X_OK):
+        return f"no permission to create files in {parent!r}"
+    return None
+
+
+def _prepare(db: sqlite_utils.Database, path: str) -> int:
+    """Set the connection up, create or verify the schema; the applied index."""
+    conn = db.conn
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    tables = db.table_names()  # the first read: a non-SQLite file fails here
+    applied = _verify(conn, path, tables) if tables else None
+    # WAL only after verifying: it rewrites the header of whatever file this is.
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    return _create_schema(conn) if applied is None else applied
+
+
+def _create_schema(conn: sqlite3.Connection) -> int:
+    with _Transaction(conn):
+        for statement in _SCHEMA.split(";"):
+            if statement.strip():
+                conn.execute(statement)
+        conn.executemany("INSERT INTO meta (key, value) VALUES (?, ?)", [
+            ("app", APP), ("schema_version", SCHEMA_VERSION), ("applied_index", 0)])
+    return 0
+
+
+def _verify(conn: sqlite3.Connection, path: str, tables: list[str]) -> int:
+    def refuse(why: str) -> NotARegistryDatabase:
+        return NotARegistryDatabase(f"{path!r} is not a TrustNet registry database: {why}")
+
+    if "meta" not in tables:
+        raise refuse(f"it has no 'meta' table (tables: {', '.join(sorted(tables))})")
+    try:
+        meta = dict(conn.execute("SELECT key, value FROM meta"))
+    except sqlite3.OperationalError as exc:
+        raise refuse(f"its 'meta' table is not ours ({exc})") from None
+    if meta.get("app") != APP:
+        raise refuse(f"meta 'app' is {meta.get('app')!r}, expected {APP!r}")
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise refuse(f"schema_version is {meta.get('schema_version')!r}, "
+                     f"this TrustNet reads version {SCHEMA_VERSION}")
+    applied = meta.get("applied_index")
+    if not isinstance(applied, int):
+        raise refuse(f"meta 'applied_index' is {applied!r}, expected an integer")
+    return applied
+
+
+def _storage_error(path: str, exc: sqlite3.Error) -> StorageError:
+    name = getattr(exc, "sqlite_errorname", type(exc).__name__)
+    if name == "SQLITE_NOTADB":
+        return NotARegistryDatabase(f"{path!r} is not a TrustNet registry database: "
+                                    f"it is not an SQLite database ({exc})")
+    return DatabaseUnavailable(f"cannot use registry database {path!r}: {exc} ({name})")
+
+
+# ---------------------------------------------------------------- validation
+# apply runs on data from the log; anything malformed must become a
+# deterministic Invalid refusal, never an exception that would crash every
+# replica replaying it.
+
+
+def _invalid(field: str, what: str, value: Any) -> Invalid:
+    return Invalid(f"{field} must be {what}, got {value!r}"[:300], {"field": field})
+
+
+def _text(value: Any, field: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise _invalid(field, "a non-empty string", value)
+    return value
+
+
+def _text_tuple(value: Any, field: str) -> tuple[str, ...]:
+    if not isinstance(value, (tuple, list)):
+        raise _invalid(field, "a sequence of strings", value)
+    return tuple(_text(item, field) for item in value)
+
+
+def _number(value: Any, field: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _invalid(field, "a number", value)
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise _invalid(field, "a finite number", value)
+    return number
+
+
+def _iso(value: Any, field: str) -> str:
+    """Unix seconds as ISO 8601 UTC with microseconds, e.g. 2026-01-30T12:00:00.000000Z."""
+    seconds = _number(value, field)
+    if not 0 <= seconds < _MAX_SECONDS:
+        raise _invalid(field, "Unix seconds between 1970 and 9999", value)
+    stamp = datetime.fromtimestamp(seconds, UTC).isoformat(timespec="microseconds")
+    return stamp.removesuffix("+00:00") + "Z"
+
+
+def _seconds(stamp: str | None) -> float | None:
+    return None if stamp is None else datetime.fromisoformat(stamp).timestamp()
+
+
+def _ipv6(value: Any) -> str:
+    if not isinstance(value, str):  # IPv6Address() would also take an int or bytes
+        raise _invalid("ipv6", "an IPv6 address string", value)
+    try:
+        address = ipaddress.IPv6Address(value)
+    except ValueError:
+        raise _invalid("ipv6", "an IPv6 address", value) from None
+    if address.scope_id is not None:  # a zone means nothing on another host
+        raise _invalid("ipv6", "an IPv6 address without a %zone", value)
+    return address.compressed
+
+
+def _port(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 65535:
+        raise _invalid("port", "an integer from 1 to 65535", value)
+    return value
+
+
+def _optional_text(value: Any, field: str) -> str | None:
+    return None if value is None else _text(value, field)
+
+
+def _registration(cmd: RegisterNode) -> tuple[str, str, int, str, str, float, str | None]:
+    return (_text(cmd.node_id, "node_id"), _ipv6(cmd.ipv6), _port(cmd.port),
+            _text(cmd.domain, "domain"), _iso(cmd.at, "at"),
+            _number(cmd.lease_deadline, "lease_deadline"),
+            _optional_text(cmd.public_key, "public_key"))
+
+
+def _pair(node_a: Any, node_b: Any) -> tuple[str, str]:
+    a, b = _text(node_a, "node_a"), _text(node_b, "node_b")
+    if a == b:
+        raise Invalid(f"a node cannot peer with itself ({a!r})", {"field": "node_b"})
+    return (a, b) if a < b else (b, a)
+
+
+def _entries(value: Any) -> Iterator[LeaseEntry]:
+    if not isinstance(value, (tuple, list)):
+        raise _invalid("entries", "a sequence of LeaseEntry", value)
+    for entry in value:
+        if not isinstance(entry, LeaseEntry):
+            raise _invalid("entries", "a sequence of LeaseEntry", entry)
+        yield entry
+
+
+def _lease_row(entry: LeaseEntry) -> tuple[float, str, str]:
+    return (_number(entry.deadline, "deadline"), _iso(entry.last_heartbeat, "last_heartbeat"),
+            _text(entry.node_id, "node_id"))
+
+
+def _page_size(limit: Any) -> int:
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+        raise _invalid("limit", f"an integer from 1 to {MAX_PAGE}", limit)
+    return limit
+
+
+def _check_indices(items: list[tuple[int, Any]]) -> None:
+    previous = 0
+    for index, _ in items:
+        if isinstance(index, bool) or not isinstance(index, int) or index <= previous:
+            raise ValueError(f"log indices must be increasing positive integers, got {index!r} "
+                             f"after {previous}")
+        previous = index
