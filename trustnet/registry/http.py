@@ -1,0 +1,192 @@
+"""The registry's HTTP facade: each route turns a request into a message to
+the RegistryActor and its answer into JSON. No registry logic lives here."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+import uuid
+from typing import Any
+
+import orjson
+from quart import Response, g, request
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from actors import ActorError, AskTimeout, Ref, Refused
+from trustnet.version import build_info
+
+from . import messages as m
+from . import validate
+from .openapi import OPENAPI
+from .validate import BadRequest
+
+log = logging.getLogger("trustnet.http")
+
+REFUSAL_STATUS = {"not_found": 404, "ipv6_taken": 409, "domain_exists": 409, "invalid": 400}
+WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+
+def json_response(body: Any, status: int = 200, headers: dict | None = None) -> Response:
+    return Response(orjson.dumps(body), status=status, content_type="application/json",
+                    headers=headers)
+
+
+def error_response(status: int, code: str, message: str, headers: dict | None = None) -> Response:
+    return json_response({"error": {"code": code, "message": message}}, status, headers)
+
+
+def create_app(registry: Ref, *, api_key: str | None = None, max_body_bytes: int = 65536,
+               ask_timeout: float = 10.0) -> QuartTrio:
+    app = QuartTrio("trustnet.registry")
+    app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
+    key = api_key.encode() if api_key else None
+
+    async def ask(msg: Any) -> Any:
+        return await registry.ask(msg, timeout=ask_timeout)
+
+    async def body(*, optional: bool = False) -> dict[str, Any]:
+        if request.content_length is not None and request.content_length > max_body_bytes:
+            raise BadRequest("body_too_large",
+                             f"request body is {request.content_length} bytes; "
+                             f"the limit is {max_body_bytes}", 413)
+        return validate.parse_json(await request.get_data(), optional=optional)
+
+    # ------------------------------------------------------------ plumbing
+
+    @app.before_request
+    async def start_request() -> Response | None:
+        g.started = time.perf_counter()
+        g.request_id = request.headers.get("X-Request-Id") or uuid.uuid4().hex[:16]
+        if key is not None and request.method in WRITE_METHODS:
+            return _check_key(key)
+        return None
+
+    @app.after_request
+    async def log_request(response: Response) -> Response:
+        response.headers["X-Request-Id"] = g.get("request_id", "")
+        duration = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
+        log.info("request", extra={"method": request.method, "path": request.path,
+                                   "status": response.status_code,
+                                   "duration_ms": round(duration, 3),
+                                   "request_id": g.get("request_id")})
+        return response
+
+    @app.errorhandler(BadRequest)
+    async def bad_request(exc: BadRequest) -> Response:
+        return error_response(exc.status, exc.code, exc.message)
+
+    @app.errorhandler(Refused)
+    async def refused(exc: Refused) -> Response:
+        return error_response(REFUSAL_STATUS.get(exc.code, 400), exc.code, exc.message)
+
+    @app.errorhandler(ActorError)
+    async def unavailable(exc: ActorError) -> Response:
+        log.warning("registry actor unavailable", extra={"error": str(exc)})
+        code = "timeout" if isinstance(exc, AskTimeout) else "unavailable"
+        return error_response(503, code, f"registry unavailable: {exc}", {"Retry-After": "1"})
+
+    @app.errorhandler(HTTPException)
+    async def http_error(exc: HTTPException) -> Response:
+        code = (exc.name or "error").lower().replace(" ", "_")
+        if exc.code == 413:
+            return error_response(413, "body_too_large",
+                                  f"request body exceeds the limit of {max_body_bytes} bytes")
+        return error_response(exc.code or 500, code, exc.description or exc.name)
+
+    @app.errorhandler(Exception)
+    async def internal(exc: Exception) -> Response:
+        log.error("request failed", exc_info=exc,
+                  extra={"path": request.path, "request_id": g.get("request_id")})
+        return error_response(500, "internal", "internal error; see the registry log")
+
+    # ------------------------------------------------------------ service
+
+    @app.get("/health")
+    async def health() -> Response:
+        try:
+            status = await registry.ask(m.Status(), timeout=min(ask_timeout, 2.0))
+        except ActorError as exc:
+            return json_response({"status": "unavailable", "reason": str(exc)}, 503)
+        return json_response({"status": "ok", **status})
+
+    @app.get("/version")
+    async def version() -> Response:
+        return json_response(build_info())
+
+    @app.get("/openapi.json")
+    async def openapi() -> Response:
+        return json_response(OPENAPI)
+
+    # ------------------------------------------------------------ nodes
+
+    @app.post("/nodes")
+    async def register() -> Response:
+        answer = await ask(validate.register(await body()))
+        return json_response(answer["node"], 201 if answer["created"] else 200)
+
+    @app.get("/nodes")
+    async def list_nodes() -> Response:
+        return json_response(await ask(validate.list_nodes(request.args.to_dict())))
+
+    @app.get("/nodes/<node_id>")
+    async def get_node(node_id: str) -> Response:
+        validate.query(request.args.to_dict(), ())
+        return json_response(await ask(m.GetNode(validate.name(node_id, "node id"))))
+
+    @app.delete("/nodes/<node_id>")
+    async def delete_node(node_id: str) -> Response:
+        return json_response(await ask(m.Deregister(validate.name(node_id, "node id"))))
+
+    @app.post("/nodes/<node_id>/heartbeat")
+    async def heartbeat(node_id: str) -> Response:
+        return json_response(await ask(validate.heartbeat(await body(optional=True), node_id)))
+
+    # ------------------------------------------------------------ domains
+
+    @app.get("/domains")
+    async def list_domains() -> Response:
+        validate.query(request.args.to_dict(), ())
+        return json_response({"domains": await ask(m.ListDomains())})
+
+    @app.post("/domains")
+    async def create_domain() -> Response:
+        return json_response(await ask(validate.create_domain(await body())), 201)
+
+    # ------------------------------------------------------------ peers
+
+    @app.get("/peers")
+    async def list_peers() -> Response:
+        args = request.args.to_dict()
+        validate.query(args, ("node",))
+        node = args.get("node")
+        node_id = validate.name(node, "node") if node is not None else None
+        return json_response({"peers": await ask(m.ListPeers(node_id))})
+
+    @app.post("/peers")
+    async def add_peer() -> Response:
+        a, b = validate.peer_pair(await body())
+        return json_response(await ask(m.AddPeerReq(a, b)), 201)
+
+    @app.delete("/peers")
+    async def remove_peer() -> Response:
+        # DELETE bodies are unusual; the pair may come as query parameters too.
+        args = request.args.to_dict()
+        data = args if args else await body()
+        a, b = validate.peer_pair(data)
+        return json_response(await ask(m.RemovePeerReq(a, b)))
+
+    return app
+
+
+def _check_key(key: bytes) -> Response | None:
+    header = request.headers.get("Authorization")
+    if not header:
+        return error_response(401, "unauthorized",
+                              "this registry needs an API key: send 'Authorization: Bearer <key>'",
+                              {"WWW-Authenticate": "Bearer"})
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key):
+        return error_response(403, "forbidden", "the API key is wrong")
+    return None

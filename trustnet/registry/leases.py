@@ -1,0 +1,85 @@
+"""Node leases held in memory: renewing one costs no disk write.
+
+Deadlines are kept in one-second buckets (a coarse timing wheel), so a
+renewal is O(1) and a sweep only looks at the buckets that are due, however
+many nodes there are. Persisting deadlines is the RegistryActor's job: it
+takes the renewals since the last checkpoint with `take_dirty()` and writes
+them in one batch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+
+class LeaseTable:
+    def __init__(self, ttl: float):
+        self.ttl = ttl
+        self._deadline: dict[str, float] = {}
+        self._last_renewal: dict[str, float] = {}
+        self._buckets: defaultdict[int, set[str]] = defaultdict(set)
+        self._dirty: set[str] = set()
+
+    def __len__(self) -> int:
+        return len(self._deadline)
+
+    def __contains__(self, node_id: str) -> bool:
+        return node_id in self._deadline
+
+    def deadline(self, node_id: str) -> float | None:
+        return self._deadline.get(node_id)
+
+    def last_renewal(self, node_id: str) -> float | None:
+        return self._last_renewal.get(node_id)
+
+    def grant(self, node_id: str, now: float, deadline: float | None = None) -> float:
+        """Start or renew a lease; returns its deadline (now + ttl by default)."""
+        if deadline is None:
+            deadline = now + self.ttl
+        old = self._deadline.get(node_id)
+        if old is not None:
+            self._bucket_of(old).discard(node_id)
+        self._deadline[node_id] = deadline
+        self._last_renewal[node_id] = now
+        self._buckets[_slot(deadline)].add(node_id)
+        self._dirty.add(node_id)
+        return deadline
+
+    def renew(self, node_id: str, now: float) -> float | None:
+        """Renew a known lease; None when the node holds none (it must register)."""
+        if node_id not in self._deadline:
+            return None
+        return self.grant(node_id, now)
+
+    def drop(self, node_id: str) -> None:
+        old = self._deadline.pop(node_id, None)
+        if old is not None:
+            self._bucket_of(old).discard(node_id)
+        self._last_renewal.pop(node_id, None)
+        self._dirty.discard(node_id)
+
+    def expired(self, now: float) -> list[str]:
+        """Ids whose deadline has passed, in a stable order. They stay in the
+        table until dropped, so an expiry that fails to commit is retried."""
+        due: list[str] = []
+        for slot in sorted(s for s in self._buckets if s <= _slot(now)):
+            ids = self._buckets[slot]
+            if not ids:
+                del self._buckets[slot]
+                continue
+            due.extend(n for n in ids if self._deadline[n] <= now)
+        return sorted(due)
+
+    def take_dirty(self) -> list[tuple[str, float, float]]:
+        """(node_id, deadline, last_renewal) of leases changed since the last call."""
+        out = [(n, self._deadline[n], self._last_renewal[n]) for n in sorted(self._dirty)]
+        self._dirty.clear()
+        return out
+
+    def _bucket_of(self, deadline: float) -> set[str]:
+        return self._buckets.get(_slot(deadline), set())
+
+
+def _slot(t: float) -> int:
+    return math.floor(t)

@@ -1,0 +1,75 @@
+"""What callers ask the RegistryActor: typed messages with stable wire tags.
+
+Routes, the node's websocket link and (later) other replicas all speak these;
+the actor turns writes into registry commands (commands.py), stamping the
+time, so `apply` itself stays deterministic.
+"""
+
+from __future__ import annotations
+
+from actors.codec import message
+
+DEFAULT_PORT = 9000
+DEFAULT_DOMAIN = "default"
+
+
+@message("registry.req.register")
+class Register:
+    node_id: str
+    ipv6: str
+    port: int = DEFAULT_PORT
+    domain: str = DEFAULT_DOMAIN
+
+
+@message("registry.req.deregister")
+class Deregister:
+    node_id: str
+
+
+@message("registry.req.heartbeat")
+class Heartbeat:
+    node_id: str
+
+
+@message("registry.req.get_node")
+class GetNode:
+    node_id: str
+
+
+@message("registry.req.list_nodes")
+class ListNodes:
+    domain: str | None = None
+    limit: int = 100
+    after: str | None = None
+
+
+@message("registry.req.list_domains")
+class ListDomains:
+    pass
+
+
+@message("registry.req.create_domain")
+class CreateDomainReq:
+    name: str
+
+
+@message("registry.req.list_peers")
+class ListPeers:
+    node_id: str | None = None
+
+
+@message("registry.req.add_peer")
+class AddPeerReq:
+    node_a: str
+    node_b: str
+
+
+@message("registry.req.remove_peer")
+class RemovePeerReq:
+    node_a: str
+    node_b: str
+
+
+@message("registry.req.status")
+class Status:
+    pass

@@ -1,0 +1,143 @@
+"""The OpenAPI 3.1 description served at /openapi.json.
+
+tests/unit/test_registry_http.py keeps it true: every route of the app is
+described here and every path here is a route, with the statuses it returns.
+"""
+
+from __future__ import annotations
+
+from trustnet.version import version
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict, description: str) -> dict:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict:
+    text = {400: "Bad request (malformed JSON, wrong type, unknown field, invalid value)",
+            401: "API key missing", 403: "API key wrong", 404: "Not found",
+            409: "Conflict", 413: "Body too large", 503: "Registry unavailable"}
+    return {str(c): _json(_ref("Error"), text[c]) for c in codes}
+
+
+_WRITE = (400, 401, 403, 413, 503)
+_NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}
+_NODE_ID = {"name": "node_id", "in": "path", "required": True, "schema": _NAME}
+_BODY = lambda name: {"required": True, "content": {"application/json": {"schema": _ref(name)}}}  # noqa: E731
+
+OPENAPI: dict = {
+    "openapi": "3.1.0",
+    "info": {"title": "TrustNet registry", "version": version(),
+             "description": "Node registry: registration, leases renewed by heartbeats, "
+                            "domains and peer links. Writes need 'Authorization: Bearer <key>' "
+                            "when the registry runs with REGISTRY_API_KEY."},
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": {"type": "object", "required": ["error"], "properties": {"error": {
+                "type": "object", "required": ["code", "message"],
+                "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}},
+            "RegisterNode": {"type": "object", "required": ["id", "ipv6"],
+                             "additionalProperties": False, "properties": {
+                                 "id": _NAME, "ipv6": {"type": "string", "format": "ipv6"},
+                                 "port": {"type": "integer", "minimum": 1, "maximum": 65535,
+                                          "default": 9000},
+                                 "domain": {**_NAME, "default": "default"}}},
+            "Node": {"type": "object", "properties": {
+                "id": {"type": "string"}, "domain": {"type": "string"},
+                "ipv6": {"type": "string"}, "port": {"type": "integer"},
+                "reputation": {"type": "number"},
+                "last_heartbeat": {"type": ["string", "null"], "format": "date-time"},
+                "registered_at": {"type": "string", "format": "date-time"},
+                "lease_deadline": {"type": ["number", "null"],
+                                   "description": "Unix seconds when the lease runs out"},
+                "public_key": {"type": ["string", "null"]}}},
+            "NodePage": {"type": "object", "properties": {
+                "nodes": {"type": "array", "items": _ref("Node")},
+                "next": {"type": ["string", "null"],
+                         "description": "pass as ?after= for the next page"}}},
+            "Lease": {"type": "object", "properties": {
+                "node_id": {"type": "string"}, "lease_deadline": {"type": "number"},
+                "ttl": {"type": "number"}}},
+            "Domain": {"type": "object", "properties": {
+                "id": {"type": "string"}, "name": {"type": "string"},
+                "created_at": {"type": "string", "format": "date-time"}}},
+            "NewDomain": {"type": "object", "required": ["name"], "additionalProperties": False,
+                          "properties": {"name": _NAME}},
+            "PeerPair": {"type": "object", "required": ["node_a", "node_b"],
+                         "additionalProperties": False,
+                         "properties": {"node_a": _NAME, "node_b": _NAME}},
+            "Peer": {"type": "object", "properties": {
+                "node_a": {"type": "string"}, "node_b": {"type": "string"},
+                "connected_at": {"type": "string", "format": "date-time"}}},
+        },
+    },
+    "paths": {
+        "/health": {"get": {"summary": "Liveness and readiness", "responses": {
+            "200": _json({"type": "object"}, "Ready"),
+            "503": _json({"type": "object"}, "Not ready")}}},
+        "/version": {"get": {"summary": "Build information", "responses": {
+            "200": _json({"type": "object", "properties": {
+                "version": {"type": "string"}, "build_time": {"type": "string"},
+                "commit": {"type": "string"}}}, "Version")}}},
+        "/openapi.json": {"get": {"summary": "This description", "responses": {
+            "200": _json({"type": "object"}, "OpenAPI document")}}},
+        "/nodes": {
+            "get": {"summary": "List nodes, optionally of one domain, a page at a time",
+                    "parameters": [
+                        {"name": "domain", "in": "query", "schema": _NAME},
+                        {"name": "limit", "in": "query",
+                         "schema": {"type": "integer", "minimum": 1, "maximum": 1000,
+                                    "default": 100}},
+                        {"name": "after", "in": "query", "schema": _NAME}],
+                    "responses": {"200": _json(_ref("NodePage"), "A page of nodes"),
+                                  **_errors(400, 404, 503)}},
+            "post": {"summary": "Register or update a node (starts its lease)",
+                     "security": [{"bearer": []}], "requestBody": _BODY("RegisterNode"),
+                     "responses": {"201": _json(_ref("Node"), "Registered"),
+                                   "200": _json(_ref("Node"), "Updated"),
+                                   **_errors(*_WRITE, 409)}}},
+        "/nodes/{node_id}": {
+            "get": {"summary": "One node", "parameters": [_NODE_ID],
+                    "responses": {"200": _json(_ref("Node"), "The node"),
+                                  **_errors(400, 404, 503)}},
+            "delete": {"summary": "Deregister a node", "parameters": [_NODE_ID],
+                       "security": [{"bearer": []}],
+                       "responses": {"200": _json(_ref("Node"), "The removed node"),
+                                     **_errors(*_WRITE, 404)}}},
+        "/nodes/{node_id}/heartbeat": {
+            "post": {"summary": "Renew a node's lease (404: register again)",
+                     "parameters": [_NODE_ID], "security": [{"bearer": []}],
+                     "responses": {"200": _json(_ref("Lease"), "Lease renewed"),
+                                   **_errors(*_WRITE, 404)}}},
+        "/domains": {
+            "get": {"summary": "All domains", "responses": {
+                "200": _json({"type": "object", "properties": {
+                    "domains": {"type": "array", "items": _ref("Domain")}}}, "Domains"),
+                **_errors(400, 503)}},
+            "post": {"summary": "Create a domain", "security": [{"bearer": []}],
+                     "requestBody": _BODY("NewDomain"),
+                     "responses": {"201": _json(_ref("Domain"), "Created"),
+                                   **_errors(*_WRITE, 409)}}},
+        "/peers": {
+            "get": {"summary": "Peer links, optionally of one node",
+                    "parameters": [{"name": "node", "in": "query", "schema": _NAME}],
+                    "responses": {"200": _json({"type": "object", "properties": {
+                        "peers": {"type": "array", "items": _ref("Peer")}}}, "Peer links"),
+                        **_errors(400, 404, 503)}},
+            "post": {"summary": "Record a link between two nodes", "security": [{"bearer": []}],
+                     "requestBody": _BODY("PeerPair"),
+                     "responses": {"201": _json(_ref("Peer"), "Recorded"),
+                                   **_errors(*_WRITE, 404)}},
+            "delete": {"summary": "Remove a link (JSON body or ?node_a=&node_b=)",
+                       "security": [{"bearer": []}],
+                       "parameters": [{"name": "node_a", "in": "query", "schema": _NAME},
+                                      {"name": "node_b", "in": "query", "schema": _NAME}],
+                       "responses": {"200": _json(_ref("PeerPair"), "Removed"),
+                                     **_errors(*_WRITE, 404)}}},
+    },
+}
