@@ -25,7 +25,7 @@ from .state import RegistryState, StorageError
 
 log = logging.getLogger("trustnet.registry")
 
-EXIT_OK, EXIT_FAILURE = 0, 1
+EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 
 def registry_supervisor(system: ActorSystem, state: RegistryState,
@@ -49,6 +49,11 @@ def hypercorn_config(config: RegistryConfig) -> hypercorn.config.Config:
 
 
 async def serve(config: RegistryConfig) -> int:
+    if config.replication.enabled:
+        # Say so rather than silently run unreplicated.
+        log.critical("replication.enabled: this version runs a single replica; "
+                     "set replication.enabled to false")
+        return EXIT_CONFIG
     try:
         state = RegistryState.open(config.database.path)
     except StorageError as exc:
