@@ -1,0 +1,146 @@
+"""Node identity: an Ed25519 key pair, signed statements, replay protection.
+
+A node's name is bound to its public key at first registration; from then on
+what it says about itself (registration, heartbeats, link reports) must be a
+statement signed by that key. A statement carries a timestamp and a random
+nonce, and the verifier keeps the nonces it saw within the allowed clock
+skew, so a captured statement cannot be replayed.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import secrets
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+KEY_FILE = "node.key"
+MAX_SKEW = 60.0  # seconds a statement's timestamp may differ from the verifier's clock
+
+
+class IdentityError(Exception):
+    """A key file that cannot be used, or a statement that does not verify."""
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def unb64(text: str) -> bytes:
+    try:
+        return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (ValueError, TypeError) as exc:
+        raise IdentityError(f"not base64url: {exc}") from None
+
+
+def public_key_from_text(text: str) -> Ed25519PublicKey:
+    raw = unb64(text)
+    if len(raw) != 32:
+        raise IdentityError(f"an Ed25519 public key is 32 bytes, got {len(raw)}")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+class NodeIdentity:
+    def __init__(self, private_key: Ed25519PrivateKey):
+        self._key = private_key
+        self.public_key = b64(private_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+
+    @classmethod
+    def generate(cls) -> NodeIdentity:
+        return cls(Ed25519PrivateKey.generate())
+
+    @classmethod
+    def load_or_create(cls, data_dir: str | os.PathLike[str]) -> NodeIdentity:
+        """The key in `data_dir/node.key`, created (mode 0600) on first start."""
+        path = Path(data_dir) / KEY_FILE
+        if path.exists():
+            try:
+                key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+            except (OSError, ValueError) as exc:
+                raise IdentityError(f"{path}: cannot read the node key: {exc}") from None
+            if not isinstance(key, Ed25519PrivateKey):
+                raise IdentityError(f"{path}: not an Ed25519 private key")
+            return cls(key)
+        identity = cls.generate()
+        pem = identity._key.private_bytes(serialization.Encoding.PEM,
+                                          serialization.PrivateFormat.PKCS8,
+                                          serialization.NoEncryption())
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Created with 0600 from the start: never readable by others, even briefly.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+        return identity
+
+    def sign(self, data: bytes) -> str:
+        return b64(self._key.sign(data))
+
+    def statement(self, purpose: str, node_id: str, body: dict[str, Any],
+                  now: float | None = None) -> dict[str, Any]:
+        """A signed statement: {purpose, node_id, ts, nonce, body, sig}."""
+        stmt = {"purpose": purpose, "node_id": node_id,
+                "ts": time.time() if now is None else now,
+                "nonce": secrets.token_hex(12), "body": body}
+        stmt["sig"] = self.sign(canonical(stmt))
+        return stmt
+
+
+def canonical(stmt: dict[str, Any]) -> bytes:
+    """The bytes a statement's signature covers (everything but the signature)."""
+    return orjson.dumps({k: v for k, v in stmt.items() if k != "sig"},
+                        option=orjson.OPT_SORT_KEYS)
+
+
+def verify(public_key: str, data: bytes, signature: str) -> bool:
+    try:
+        public_key_from_text(public_key).verify(unb64(signature), data)
+    except (InvalidSignature, IdentityError, ValueError):
+        return False
+    return True
+
+
+class ReplayGuard:
+    """Accepts each (node, nonce) once within the skew window, and nothing older."""
+
+    def __init__(self, max_skew: float = MAX_SKEW):
+        self.max_skew = max_skew
+        self._seen: dict[tuple[str, str], float] = {}
+        self._next_prune = 0.0
+
+    def check(self, stmt: dict[str, Any], public_key: str, purpose: str,
+              now: float | None = None) -> dict[str, Any]:
+        """The statement's body if it is genuine, fresh and new; else IdentityError."""
+        now = time.time() if now is None else now
+        if set(stmt) != {"purpose", "node_id", "ts", "nonce", "body", "sig"}:
+            raise IdentityError("a statement has exactly purpose, node_id, ts, nonce, body, sig")
+        if stmt["purpose"] != purpose:
+            raise IdentityError(f"statement is for {stmt['purpose']!r}, expected {purpose!r}")
+        ts, nonce = stmt["ts"], stmt["nonce"]
+        if not isinstance(ts, (int, float)) or isinstance(ts, bool) or abs(now - ts) > self.max_skew:
+            raise IdentityError(f"statement timestamp is not within {self.max_skew:.0f}s of now")
+        if not isinstance(nonce, str) or not 8 <= len(nonce) <= 64:
+            raise IdentityError("statement nonce must be a string of 8..64 characters")
+        if not isinstance(stmt["sig"], str) or not verify(public_key, canonical(stmt), stmt["sig"]):
+            raise IdentityError(f"signature of {stmt['node_id']!r} does not verify "
+                                "with its registered key")
+        key = (str(stmt["node_id"]), nonce)
+        if key in self._seen:
+            raise IdentityError("statement was already used (replay)")
+        self._seen[key] = ts
+        self._prune(now)
+        return stmt["body"]
+
+    def _prune(self, now: float) -> None:
+        if now < self._next_prune:
+            return
+        self._next_prune = now + self.max_skew
+        horizon = now - 2 * self.max_skew
+        self._seen = {k: t for k, t in self._seen.items() if t >= horizon}
