@@ -411,6 +411,81 @@ class RegistryState:
                 digest.update(orjson.dumps(row) + b"\n")
         return digest.hexdigest()
 
+    # ------------------------------------------------------------ snapshots
+
+    @_serialized
+    def snapshot(self) -> bytes:
+        """The whole registry (every row of domains, nodes, peers in key order)
+        and applied_index, as zlib-compressed JSON: the data of a Raft snapshot.
+
+        Consistent (one read transaction, and the lock keeps apply out) and
+        deterministic: equal states give equal bytes with the same zlib.
+        `restore(data, applied_index)` on any replica rebuilds this state.
+        """
+        import zlib
+
+        self._conn.execute("BEGIN")  # one read view for all tables
+        try:
+            tables = {table: {"columns": [c.strip() for c in columns.split(",")],
+                              "rows": self._conn.execute(
+                                  f"SELECT {columns} FROM {table} ORDER BY {order}").fetchall()}
+                      for table, columns, order in _HASHED_TABLES}
+        finally:
+            self._conn.execute("COMMIT")
+        payload = {"app": APP, "schema_version": SCHEMA_VERSION,
+                   "applied_index": self._applied, "tables": tables}
+        return zlib.compress(orjson.dumps(payload), 6)
+
+    @_serialized
+    def restore(self, data: bytes, index: int) -> None:
+        """Replace every registry row by those of `data` (from `snapshot()`)
+        and set applied_index to `index`, in one transaction.
+
+        `index` must be the applied_index the snapshot was taken at (the Raft
+        snapshot's index). ValueError, with nothing changed, if `data` is not
+        a snapshot of this schema or was taken at another index.
+        """
+        import zlib
+
+        if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+            raise ValueError(f"snapshot index must be a non-negative integer, got {index!r}")
+        try:
+            payload = orjson.loads(zlib.decompress(data))
+        except (zlib.error, orjson.JSONDecodeError, TypeError) as exc:
+            raise ValueError(f"not a registry snapshot: {exc}") from None
+        if not isinstance(payload, dict) or payload.get("app") != APP:
+            raise ValueError("not a registry snapshot: no 'app' marker")
+        if payload.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"registry snapshot of schema_version {payload.get('schema_version')!r}, "
+                             f"this TrustNet reads version {SCHEMA_VERSION}")
+        if payload.get("applied_index") != index:
+            raise ValueError(f"registry snapshot taken at index {payload.get('applied_index')!r}, "
+                             f"restored as index {index}")
+        tables = payload.get("tables")
+        plan = []
+        for table, columns, _order in _HASHED_TABLES:
+            names = [c.strip() for c in columns.split(",")]
+            part = tables.get(table) if isinstance(tables, dict) else None
+            if not isinstance(part, dict) or part.get("columns") != names:
+                raise ValueError(f"registry snapshot: table {table!r} missing or with other columns")
+            rows = part.get("rows")
+            if not isinstance(rows, list) or any(
+                    not isinstance(r, list) or len(r) != len(names) for r in rows):
+                raise ValueError(f"registry snapshot: malformed rows in table {table!r}")
+            marks = ", ".join("?" * len(names))
+            plan.append((f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows))
+        try:
+            with self._transaction():
+                # Children first; the foreign keys stay enforced throughout.
+                for table, _columns, _order in reversed(_HASHED_TABLES):
+                    self._conn.execute(f"DELETE FROM {table}")
+                for sql, rows in plan:
+                    self._conn.executemany(sql, rows)
+                self._conn.execute("UPDATE meta SET value = ? WHERE key = 'applied_index'", [index])
+        except sqlite3.IntegrityError as exc:
+            raise ValueError(f"registry snapshot violates the schema: {exc}") from None
+        self._applied = index
+
     # ------------------------------------------------------------ helpers
 
     def _scalar(self, sql: str, params: list) -> Any:
