@@ -1,0 +1,700 @@
+"""The websocket transport: actor envelopes between processes, over IPv6.
+
+Framing
+    One websocket *text* frame carries one envelope, the JSON made by
+    `codec.encode`. The first frame a dialler sends on a new connection is a
+    hello naming the address it can be reached at:
+
+        {"hello": "ws://[fd10:1234::1]:9001", "version": 1}
+
+    The acceptor files the connection under that address, so a single
+    connection carries traffic both ways: replies (and any other send) to the
+    dialler go back over it, and nobody dials a peer it is already linked to.
+
+Links
+    A link is everything about one peer address: its live connections
+    (normally one; two for a while when both sides dial at once, the newest
+    carries our writes), a bounded queue of outbound frames and one writer
+    task. `send` waits while the queue is full (backpressure); `send_nowait`
+    raises MailboxFull instead. When the last connection of a link closes,
+    `link_down(address)` fails the asks waiting on it at once.
+
+Reconnecting
+    While someone needs a link that is down (a `send` waiting, or frames
+    queued), it is dialled again and again with full-jitter exponential
+    backoff: the first try at once, then a random wait in [0, 50 ms],
+    [0, 100 ms], ... capped at [0, 5 s]. A peer that cannot be reached for
+    `unreachable_after` seconds makes `send` raise Unreachable, and the frames
+    queued for it are dropped with a warning (delivery is best effort; the
+    asks among them have already failed through `link_down`).
+
+Garbage
+    A frame that is binary, is not a well-formed envelope, or is larger than
+    `max_frame_bytes` is a ProtocolError: it is logged with the peer, that one
+    connection is closed (1002 protocol error, 1009 too big) and every other
+    link keeps going. A missing or malformed hello closes the same way.
+
+Tasks
+    serve() runs two nurseries. The main one (cancelled with serve) holds the
+    listener, one writer per link and the dial loops. The connection nursery
+    holds every connection and its reader; it is shielded from serve's
+    cancellation until serve has sent every peer a close frame (1001, going
+    away), so peers see an orderly close rather than a dropped socket.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import random
+import socket
+from typing import Literal
+from urllib.parse import urlsplit
+
+import orjson
+import trio
+import trio_websocket
+from trio_websocket import (
+    CloseReason,
+    ConnectionClosed,
+    WebSocketConnection,
+    WebSocketRequest,
+    WebSocketServer,
+)
+
+from . import codec
+from .codec import Envelope
+from .errors import MailboxFull, ProtocolError, Unreachable
+from .groups import collapsed
+from .transport import Deliver, LinkDown
+
+__all__ = [
+    "WebsocketTransport", "decode_frame", "format_address", "hello_frame",
+    "normalize_address", "parse_address", "parse_hello",
+]
+
+log = logging.getLogger("actors.ws")
+
+MiB = 1024 * 1024
+HELLO_VERSION = 1
+
+# Websocket close codes (RFC 6455, section 7.4.1).
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_TOO_BIG = 1009
+_CLOSE_REASON_BYTES = 120  # a close frame's reason must fit in 123 bytes
+
+# A connection that stayed up at least this long was a working link, so the
+# next reconnect starts without delay; one that dies younger counts as a
+# failed dial, so a peer that accepts and at once drops us is not hammered.
+STABLE_AFTER = 1.0
+
+LISTEN_BACKLOG = 128
+# How much trio-websocket reads from the socket at a time (its default is 4 KiB).
+RECEIVE_BUFFER = 64 * 1024
+
+# What a failed dial raises: the TCP connect (OSError), the websocket handshake
+# (HandshakeError, e.g. ConnectionRejected by a plain HTTP server), a closed
+# connection while saying hello, or connect_timeout running out.
+_DIAL_ERRORS = (OSError, trio_websocket.HandshakeError, ConnectionClosed, trio.TooSlowError)
+
+
+# ------------------------------------------------------------- addresses
+
+def format_address(host: str, port: int) -> str:
+    """ws://[host]:port for an IPv6 literal, ws://host:port otherwise."""
+    return f"ws://[{host}]:{port}" if ":" in host else f"ws://{host}:{port}"
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """(host, port) of a ws://host:port address; ValueError if it is not one."""
+    parts = urlsplit(address)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if (parts.scheme != "ws" or not parts.hostname or port is None
+            or parts.path not in ("", "/") or parts.query or parts.fragment
+            or parts.username is not None):
+        raise ValueError(f"{address!r} is not a ws://host:port address")
+    return parts.hostname, port
+
+
+def normalize_address(address: str) -> str:
+    """One spelling per address (ws://[0::1]:9/ -> ws://[::1]:9), so a peer has one link."""
+    host, port = parse_address(address)
+    try:
+        host = ipaddress.ip_address(host).compressed
+    except ValueError:
+        pass  # a host name; urlsplit has lower-cased it
+    return format_address(host, port)
+
+
+# ---------------------------------------------------------------- frames
+
+def hello_frame(address: str) -> str:
+    return orjson.dumps({"hello": address, "version": HELLO_VERSION}).decode()
+
+
+def parse_hello(frame: str | bytes) -> str:
+    """The dialler's (normalised) address from its hello; ProtocolError if it is not one."""
+    if not isinstance(frame, str):
+        raise ProtocolError("the hello must be a text frame")
+    try:
+        data = orjson.loads(frame)
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"the hello is not JSON: {exc}") from None
+    if not isinstance(data, dict) or set(data) != {"hello", "version"}:
+        raise ProtocolError('the hello must be {"hello": "ws://...", "version": 1}')
+    version, address = data["version"], data["hello"]
+    if type(version) is not int or version != HELLO_VERSION:
+        raise ProtocolError(f"unsupported hello version {version!r} (want {HELLO_VERSION})")
+    if not isinstance(address, str):
+        raise ProtocolError("the hello address must be a string")
+    try:
+        return normalize_address(address)
+    except ValueError as exc:
+        raise ProtocolError(f"bad hello address: {exc}") from None
+
+
+def decode_frame(frame: str | bytes) -> Envelope:
+    """The envelope in one websocket message; ProtocolError for anything else."""
+    if not isinstance(frame, str):
+        raise ProtocolError(f"binary frame ({len(frame)} bytes); envelopes travel as JSON text")
+    return codec.decode(frame)
+
+
+# ----------------------------------------------------------------- links
+
+class _Connection:
+    """One websocket of a link, with what the logs say about it."""
+
+    __slots__ = ("ws", "remote", "direction", "since")
+
+    def __init__(self, ws: WebSocketConnection):
+        self.ws = ws
+        self.remote = _endpoint(ws)  # read now: the socket may be gone when we log its end
+        self.direction: Literal["in", "out"] = "out" if ws.is_client else "in"
+        self.since = trio.current_time()
+
+
+class _Link:
+    """One peer address: its live connections, its outbound queue, its dial state."""
+
+    def __init__(self, peer: str, queue_size: int):
+        self.peer = peer
+        self.host, self.port = parse_address(peer)
+        self.http_host = peer.removeprefix("ws://")  # the Host header: [addr]:port
+        self.queue_in, self.queue_out = trio.open_memory_channel[str](queue_size)
+        # Oldest first; the newest carries our writes.
+        self.connections: list[_Connection] = []
+        self.waiters = 0  # tasks waiting for this link to come up; dial while > 0
+        self.dialing = False
+        self.failures = 0  # failed dials (and short-lived links) since the last good link
+        self.last_error = "not dialled yet"
+        self._changed = trio.Event()
+
+    @property
+    def current(self) -> _Connection | None:
+        return self.connections[-1] if self.connections else None
+
+    def changed(self) -> None:
+        """Wake every task waiting for a connection to come or go."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def wait_changed(self) -> None:
+        await self._changed.wait()
+
+    def drop_queued(self) -> int:
+        """Empty the outbound queue; returns how many frames were dropped."""
+        dropped = 0
+        while True:
+            try:
+                self.queue_out.receive_nowait()
+            except trio.WouldBlock:
+                return dropped
+            dropped += 1
+
+
+# ------------------------------------------------------------- transport
+
+class WebsocketTransport:
+    """Actor envelopes between processes over websockets (see the module doc).
+
+    The listening socket is bound here, not in serve(), so `address` carries
+    the real port even for port=0: ActorSystem reads it when it is built,
+    before serve() runs. serve() can run again after it ended (same port).
+    """
+
+    def __init__(
+        self,
+        host: str = "::",
+        port: int = 0,
+        advertise: str | None = None,
+        *,
+        max_frame_bytes: int = MiB,
+        queue_size: int = 1000,
+        unreachable_after: float = 2.0,
+        connect_timeout: float = 2.0,
+        hello_timeout: float = 5.0,
+        close_timeout: float = 1.0,
+        backoff_initial: float = 0.05,
+        backoff_max: float = 5.0,
+        rng: random.Random | None = None,
+    ):
+        """
+        host:      the interface to listen on; "::" listens on every IPv6
+                   address (and IPv4 too where the host allows dual-stack).
+        port:      0 picks a free port; `port` and `address` then carry it.
+        advertise: what peers dial to reach us: a host ("fd10:1234::1", the
+                   bound port is added) or a full "ws://[addr]:port". Needed
+                   when binding "::", which peers cannot dial.
+        max_frame_bytes: the largest frame sent or accepted (1009 beyond).
+        queue_size: outbound envelopes queued per link before `send` waits.
+        unreachable_after: how long `send` waits for a link to a peer that
+                   is down before it raises Unreachable.
+        connect_timeout: bound on one dial (TCP plus websocket handshake).
+        hello_timeout: how long an accepted connection may stay silent.
+        close_timeout: bound on a close handshake.
+        backoff_initial, backoff_max: the reconnect backoff (module doc).
+        rng:       the jitter's source, seeded in tests that need replay.
+        """
+        self.host = host
+        self.port = port
+        self.max_frame_bytes = max_frame_bytes
+        self.queue_size = queue_size
+        self.unreachable_after = unreachable_after
+        self.connect_timeout = connect_timeout
+        self.hello_timeout = hello_timeout
+        self.close_timeout = close_timeout
+        self.backoff_initial = backoff_initial
+        self.backoff_max = backoff_max
+        self._rng = rng or random.Random()
+
+        self._sock: socket.socket | None = self._bind()
+        self.port = self._sock.getsockname()[1]
+        self.address = self._advertised(advertise)
+        self._hello = hello_frame(self.address)
+
+        self._links: dict[str, _Link] = {}
+        self._nursery: trio.Nursery | None = None  # set while serving
+        self._io: trio.Nursery | None = None
+        self._deliver: Deliver | None = None
+        self._link_down: LinkDown | None = None
+
+    def __repr__(self) -> str:
+        return f"WebsocketTransport({self.address})"
+
+    # ---------------------------------------------------------- public API
+
+    async def serve(
+        self,
+        deliver: Deliver,
+        link_down: LinkDown,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Accept and dial links until cancelled; started() once listening."""
+        self._deliver, self._link_down = deliver, link_down
+        sock, self._sock = self._sock or self._bind(), None
+        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        try:
+            with collapsed():
+                async with trio.open_nursery() as nursery:
+                    await self._serve_in(nursery, listener, task_status)
+        finally:
+            # Writers and connections are gone: fail senders still waiting
+            # for room in a queue, and start afresh if served again.
+            for link in self._links.values():
+                link.queue_out.close()
+            self._links.clear()
+            self._io = None
+
+    async def send(self, address: str, envelope: Envelope) -> None:
+        """Queue `envelope` for `address`, waiting while the link's queue is full.
+
+        Raises Unreachable when no link to `address` comes up within
+        `unreachable_after` seconds, ProtocolError when the envelope is
+        larger than `max_frame_bytes`."""
+        frame = self._frame(envelope)
+        link = self._link(address)
+        if link.current is None:
+            await self._connected(link)
+        try:
+            await link.queue_in.send(frame)
+        except trio.BrokenResourceError:
+            raise Unreachable(f"cannot reach {address}: the transport stopped") from None
+
+    def send_nowait(self, address: str, envelope: Envelope) -> None:
+        """Queue `envelope` for `address`; MailboxFull instead of waiting.
+
+        The link is dialled in the background if it is down; if that fails
+        for `unreachable_after` seconds the envelope is dropped (logged)."""
+        frame = self._frame(envelope)
+        link = self._link(address)
+        try:
+            link.queue_in.send_nowait(frame)
+        except trio.WouldBlock:
+            raise MailboxFull(
+                f"link to {link.peer} is full ({self.queue_size} envelopes queued)") from None
+        except trio.BrokenResourceError:
+            raise Unreachable(f"cannot reach {address}: the transport stopped") from None
+
+    def connections(self, address: str) -> list[Literal["in", "out"]]:
+        """The live connections to `address`, oldest first: "in" was accepted,
+        "out" was dialled by us. Empty when the link is down."""
+        link = self._links.get(normalize_address(address))
+        if link is None:
+            return []
+        return [conn.direction for conn in link.connections]
+
+    def close(self) -> None:
+        """Release the listening socket of a transport that is not serving."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    # ------------------------------------------------------------ serving
+
+    async def _serve_in(self, nursery: trio.Nursery, listener: trio.SocketListener,
+                        task_status: trio.TaskStatus[None]) -> None:
+        io_scope = trio.CancelScope(shield=True)
+        io = await nursery.start(self._host_connections, io_scope)
+        try:
+            server = WebSocketServer(
+                self._accept, [listener], handler_nursery=io,
+                max_message_size=self.max_frame_bytes, receive_buffer_size=RECEIVE_BUFFER,
+                connect_timeout=self.connect_timeout, disconnect_timeout=self.close_timeout)
+            await nursery.start(server.run)
+            self._nursery, self._io = nursery, io
+            log.info("listening", extra={"address": self.address})
+            task_status.started()
+            await trio.sleep_forever()
+        finally:
+            self._nursery = None  # new sends fail with Unreachable from here on
+            with trio.CancelScope(shield=True):
+                await listener.aclose()
+                await self._close_links()
+            io_scope.cancel()
+
+    async def _host_connections(self, io_scope: trio.CancelScope,
+                                *, task_status: trio.TaskStatus[trio.Nursery]) -> None:
+        """The nursery every connection lives in (see "Tasks" in the module doc)."""
+        with io_scope:
+            async with trio.open_nursery() as io:
+                task_status.started(io)
+                await trio.sleep_forever()
+
+    async def _close_links(self) -> None:
+        """Send every peer a close frame (going away), bounded by close_timeout."""
+        with trio.move_on_after(self.close_timeout):
+            async with trio.open_nursery() as nursery:
+                for link in self._links.values():
+                    for conn in link.connections:
+                        nursery.start_soon(conn.ws.aclose, CLOSE_GOING_AWAY, "shutting down")
+
+    # ---------------------------------------------------- inbound connections
+
+    async def _accept(self, request: WebSocketRequest) -> None:
+        """One inbound connection: a hello first, then it is a link like any other."""
+        try:
+            conn = _Connection(await request.accept())
+        except ConnectionClosed:
+            return
+        peer = await self._receive_hello(conn)
+        if peer is None:
+            return
+        try:
+            link = self._link(peer)
+        except Unreachable:  # we are shutting down
+            await self._close(conn, CLOSE_GOING_AWAY, "shutting down")
+            return
+        await self._run_connection(link, conn)
+
+    async def _receive_hello(self, conn: _Connection) -> str | None:
+        """The peer address from the first frame, or None after closing a bad connection.
+
+        Until the hello names it, logs call the peer by its socket address."""
+        with trio.move_on_after(self.hello_timeout):
+            try:
+                frame = await conn.ws.get_message()
+            except ConnectionClosed as closed:
+                self._note_closed(conn, conn.remote, closed.reason)
+                return None
+            try:
+                return parse_hello(frame)
+            except ProtocolError as exc:
+                await self._reject(conn, conn.remote, exc)
+                return None
+        await self._reject(conn, conn.remote,
+                           ProtocolError(f"no hello within {self.hello_timeout}s"))
+        return None
+
+    # --------------------------------------------------- outbound connections
+
+    def _link(self, address: str) -> _Link:
+        """The link to `address`, created (with its writer) on first use."""
+        if self._nursery is None:
+            raise Unreachable(f"cannot reach {address}: the transport is not serving")
+        try:
+            peer = normalize_address(address)
+        except ValueError as exc:
+            raise Unreachable(f"cannot reach {address}: {exc}") from None
+        link = self._links.get(peer)
+        if link is None:
+            link = self._links[peer] = _Link(peer, self.queue_size)
+            self._nursery.start_soon(self._write_frames, link)
+        return link
+
+    async def _write_frames(self, link: _Link) -> None:
+        """The link's writer: send queued frames in order, reconnecting as needed."""
+        async for frame in link.queue_out:
+            await self._write(link, frame)
+
+    async def _write(self, link: _Link, frame: str) -> None:
+        while True:
+            conn = link.current
+            if conn is None:
+                try:
+                    conn = await self._connected(link)
+                except Unreachable as exc:
+                    dropped = 1 + link.drop_queued()
+                    log.warning("peer unreachable, dropping queued envelopes",
+                                extra={"peer": link.peer, "dropped": dropped, "error": str(exc)})
+                    return
+            try:
+                await conn.ws.send_message(frame)
+                return
+            except ConnectionClosed:
+                # Try again on the next connection. The reader of this one
+                # may not have noticed yet, so take it off the link now.
+                self._detach(link, conn)
+
+    async def _connected(self, link: _Link) -> _Connection:
+        """The link's live connection, dialling if there is none; Unreachable
+        after `unreachable_after` seconds without one."""
+        link.waiters += 1
+        try:
+            with trio.move_on_after(self.unreachable_after):
+                while (conn := link.current) is None:
+                    if not link.dialing:
+                        self._start_dialling(link)
+                    await link.wait_changed()
+                return conn
+        finally:
+            link.waiters -= 1
+        raise Unreachable(f"{link.peer} unreachable: no link within {self.unreachable_after}s "
+                          f"(last error: {link.last_error})")
+
+    def _start_dialling(self, link: _Link) -> None:
+        if self._nursery is None:
+            raise Unreachable(f"cannot reach {link.peer}: the transport is not serving")
+        link.dialing = True
+        self._nursery.start_soon(self._dial, link)
+
+    async def _dial(self, link: _Link) -> None:
+        """Dial until the link is up or nobody waits for it any more."""
+        try:
+            while link.current is None:
+                if not link.waiters:
+                    link.failures = 0  # the next time it is needed, try at once
+                    return
+                await trio.sleep(self._backoff(link.failures))
+                # An inbound hello may have brought the link up meanwhile.
+                if link.waiters and link.current is None:
+                    await self._dial_once(link)
+        finally:
+            link.dialing = False
+            link.changed()
+
+    async def _dial_once(self, link: _Link) -> None:
+        try:
+            await self._io.start(self._dialled_connection, link)  # type: ignore[union-attr]
+        except _DIAL_ERRORS as exc:
+            link.failures += 1
+            link.last_error = _describe(exc)
+            log.debug("dial failed", extra={"peer": link.peer, "attempt": link.failures,
+                                            "error": link.last_error})
+
+    def _backoff(self, failures: int) -> float:
+        """Full jitter: a first try at once, then uniform in [0, initial * 2**(n-1)], capped."""
+        if failures == 0:
+            return 0.0
+        cap = min(self.backoff_max, self.backoff_initial * 2 ** min(failures - 1, 32))
+        return self._rng.uniform(0, cap)
+
+    async def _dialled_connection(self, link: _Link,
+                                  *, task_status: trio.TaskStatus[None]) -> None:
+        """Dial, say hello, then read the connection until it closes.
+
+        Errors before started() go to the dial loop, which backs off and
+        retries; after it, a failing connection ends just this link."""
+        up = False
+        try:
+            with trio.fail_after(self.connect_timeout):
+                stream = await trio.open_tcp_stream(link.host, link.port)
+            # We own the TCP stream so that it is closed however the link ends
+            # (trio-websocket leaves it open when the peer just vanishes).
+            with collapsed():
+                async with stream, trio.open_nursery() as nursery:
+                    with trio.fail_after(self.connect_timeout):
+                        ws = await trio_websocket.wrap_client_stream(
+                            nursery, stream, link.http_host, "/",
+                            max_message_size=self.max_frame_bytes,
+                            receive_buffer_size=RECEIVE_BUFFER)
+                        await ws.send_message(self._hello)
+                    up = True
+                    await self._run_connection(link, _Connection(ws), task_status=task_status)
+                    # The websocket's own reader task finishes the close
+                    # handshake, then ends when the TCP stream does; give it
+                    # close_timeout to do so.
+                    nursery.cancel_scope.deadline = trio.current_time() + self.close_timeout
+        except Exception as exc:
+            if not up:
+                raise
+            log.warning("link failed", extra={"peer": link.peer, "error": _describe(exc)},
+                        exc_info=not isinstance(exc, _DIAL_ERRORS))
+
+    # ------------------------------------------------------- both directions
+
+    async def _run_connection(self, link: _Link, conn: _Connection,
+                              *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                              ) -> None:
+        """File `conn` under its link and deliver what it carries until it closes."""
+        self._attach(link, conn)
+        task_status.started()
+        try:
+            await self._read_frames(link, conn)
+        finally:
+            self._detach(link, conn)
+
+    async def _read_frames(self, link: _Link, conn: _Connection) -> None:
+        while True:
+            try:
+                frame = await conn.ws.get_message()
+            except ConnectionClosed as closed:
+                self._note_closed(conn, link.peer, closed.reason)
+                return
+            try:
+                envelope = decode_frame(frame)
+            except ProtocolError as exc:
+                await self._reject(conn, link.peer, exc)
+                return
+            try:
+                # Awaited: a full mailbox holds up this link, and through TCP
+                # the peer's writer (backpressure end to end).
+                await self._deliver(envelope)  # type: ignore[misc]
+            except Exception:  # a bug in routing must not take the link down
+                log.exception("delivery failed", extra={"peer": link.peer, "to": envelope.to})
+
+    def _attach(self, link: _Link, conn: _Connection) -> None:
+        link.connections.append(conn)
+        log.info("link up", extra={"peer": link.peer, "remote": conn.remote,
+                                   "direction": conn.direction,
+                                   "connections": len(link.connections)})
+        link.changed()
+
+    def _detach(self, link: _Link, conn: _Connection) -> None:
+        """Take `conn` off its link (once); the last one off means the link is down."""
+        if conn not in link.connections:
+            return
+        link.connections.remove(conn)
+        lived = trio.current_time() - conn.since
+        link.failures = 0 if lived >= STABLE_AFTER else link.failures + 1
+        link.changed()
+        if not link.connections:
+            log.info("link down", extra={"peer": link.peer, "remote": conn.remote})
+            self._link_down(link.peer)  # type: ignore[misc]
+
+    # ------------------------------------------------------------- closing
+
+    async def _reject(self, conn: _Connection, peer: str, error: ProtocolError) -> None:
+        """Log a peer's protocol error and close that connection (1002)."""
+        log.warning("protocol error, closing link",
+                    extra={"peer": peer, "remote": conn.remote, "error": f"ProtocolError: {error}",
+                           "close_code": CLOSE_PROTOCOL_ERROR})
+        await self._close(conn, CLOSE_PROTOCOL_ERROR, str(error))
+
+    async def _close(self, conn: _Connection, code: int, reason: str) -> None:
+        reason = reason.encode()[:_CLOSE_REASON_BYTES].decode(errors="ignore")
+        with trio.move_on_after(self.close_timeout):
+            await conn.ws.aclose(code, reason)
+
+    def _note_closed(self, conn: _Connection, peer: str, reason: CloseReason | None) -> None:
+        """Log why a connection closed; an oversized frame is the peer's protocol error.
+
+        trio-websocket itself closes with 1009 on a frame over max_frame_bytes."""
+        code = reason.code if reason is not None else None
+        extra = {"peer": peer, "remote": conn.remote, "close_code": code,
+                 "close_reason": reason.reason if reason is not None else None}
+        if code == CLOSE_TOO_BIG:
+            extra["error"] = (f"ProtocolError: frame over the {self.max_frame_bytes}-byte limit "
+                              f"({extra['close_reason']})")
+            log.warning("protocol error, closing link", extra=extra)
+        else:
+            log.debug("connection closed", extra=extra)
+
+    # -------------------------------------------------------------- helpers
+
+    def _frame(self, envelope: Envelope) -> str:
+        data = codec.encode(envelope)
+        if len(data) > self.max_frame_bytes:
+            raise ProtocolError(f"envelope to {envelope.to!r} is {len(data)} bytes, over the "
+                                f"{self.max_frame_bytes}-byte frame limit")
+        return data.decode()
+
+    def _bind(self) -> socket.socket:
+        family, kind, proto, _, sockaddr = socket.getaddrinfo(
+            self.host, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            # A restarted process gets its port back despite old connections in TIME_WAIT.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and _is_wildcard(self.host):
+                _allow_ipv4(sock)
+            sock.bind(sockaddr)
+            sock.listen(LISTEN_BACKLOG)
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+
+    def _advertised(self, advertise: str | None) -> str:
+        if advertise is None:
+            return normalize_address(format_address(self.host, self.port))
+        if advertise.startswith("ws://"):
+            return normalize_address(advertise)
+        return normalize_address(format_address(advertise, self.port))
+
+
+def _is_wildcard(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
+
+
+def _allow_ipv4(sock: socket.socket) -> None:
+    """Dual-stack: IPv4 clients reach an IPv6 wildcard listener (where the host allows)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    except (OSError, AttributeError):
+        log.debug("dual-stack not available; listening on IPv6 only")
+
+
+def _endpoint(ws: WebSocketConnection) -> str:
+    """The socket peer of a connection, for logs."""
+    try:
+        remote = ws.remote
+    except Exception:  # noqa: BLE001 - a connection torn down under us has none
+        return "?"
+    if isinstance(remote, trio_websocket.Endpoint):
+        return format_address(str(remote.address), remote.port).removeprefix("ws://")
+    return str(remote)
+
+
+def _describe(exc: BaseException) -> str:
+    """`Type: message`, looking through trio-websocket's wrappers for the cause."""
+    text = str(exc) or str(exc.__cause__ or "")
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

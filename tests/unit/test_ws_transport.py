@@ -1,0 +1,648 @@
+"""The websocket transport inside one trio process: actor systems on [::1].
+
+Real sockets and the real clock; timeouts here are only failure bounds, no
+test asserts how long anything took.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import socket
+
+import orjson
+import pytest
+import trio
+import trio.testing
+from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_client_stream
+
+from actors import (
+    Actor,
+    ActorCrashed,
+    ActorNotFound,
+    ActorSystem,
+    AskTimeout,
+    ChildSpec,
+    MailboxFull,
+    ProtocolError,
+    Refused,
+    Supervisor,
+    Unreachable,
+    message,
+    refusal,
+)
+from actors.ws import (
+    WebsocketTransport,
+    format_address,
+    hello_frame,
+    normalize_address,
+    parse_address,
+    parse_hello,
+)
+
+BOUND = 20  # seconds; generous upper bound for anything that should "just happen"
+
+
+# ------------------------------------------------------------- messages
+
+@message("test.ws.Echo")
+class Echo:
+    text: str
+
+
+@message("test.ws.Relay")
+class Relay:
+    """Ask the echo actor at `address` and answer with its reply."""
+    address: str
+    text: str
+
+
+@message("test.ws.Record")
+class Record:
+    item: str
+
+
+@message("test.ws.Recorded")
+class Recorded:
+    pass
+
+
+@message("test.ws.Crash")
+class Crash:
+    pass
+
+
+@message("test.ws.Refuse")
+class Refuse:
+    pass
+
+
+@message("test.ws.Hang")
+class Hang:
+    pass
+
+
+@message("test.ws.Blob")
+class Blob:
+    data: str
+
+
+@refusal
+class WsOutOfStock(Refused):
+    pass
+
+
+# --------------------------------------------------------------- actors
+
+class Echoer(Actor):
+    async def receive(self, msg):
+        match msg:
+            case Echo(text=text):
+                return f"echo:{text}"
+            case Relay(address=address, text=text):
+                return await self.system.ref("echo", address).ask(Echo(text))
+            case Refuse():
+                raise WsOutOfStock("out_of_stock", "none left", {"left": 0})
+            case Crash():
+                raise RuntimeError("boom")
+        return await super().receive(msg)
+
+
+class Recorder(Actor):
+    def __init__(self) -> None:
+        self.items: list[str] = []
+
+    async def receive(self, msg):
+        match msg:
+            case Record(item=item):
+                self.items.append(item)
+            case Recorded():
+                return list(self.items)
+
+
+class Sleeper(Actor):
+    async def receive(self, msg):
+        await trio.sleep_forever()
+
+
+class Sink(Actor):
+    """Takes every letter but holds it until its node's gate opens (mailbox of 1)."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+
+    async def receive(self, msg):
+        await self.node.gate.wait()
+        self.node.sunk += 1
+
+
+# ------------------------------------------------------------------ nodes
+
+class Node:
+    """One ActorSystem on [::1]: its transport, a few actors, a serve() we can stop."""
+
+    def __init__(self, host: str = "::1", **transport_options) -> None:
+        self.transport = WebsocketTransport(host, **transport_options)
+        self.system = ActorSystem(transport=self.transport)
+        self.address = self.transport.address
+        self.gate = trio.Event()
+        self.sunk = 0
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        supervisor = Supervisor(self.system, "root", [
+            ChildSpec("echo", Echoer),
+            ChildSpec("recorder", Recorder),
+            ChildSpec("sleeper", Sleeper),
+            ChildSpec("sink", lambda: Sink(self), mailbox_size=1),
+        ], intensity=100, period=1.0)
+        await nursery.start(supervisor.run)
+        await self.start_serving(nursery)
+
+    async def start_serving(self, nursery: trio.Nursery) -> None:
+        await nursery.start(self._serve)
+
+    async def _serve(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as self._scope:
+            self._stopped = trio.Event()
+            try:
+                await self.system.serve(task_status=task_status)
+            finally:
+                self._stopped.set()
+
+    async def stop_serving(self) -> None:
+        self._scope.cancel()
+        await self._stopped.wait()
+
+    def ref(self, name: str, other: Node | str):
+        address = other if isinstance(other, str) else other.address
+        return self.system.ref(name, address)
+
+
+@pytest.fixture
+def nodes(nursery):
+    """A factory of started nodes; they stop with the test's nursery."""
+
+    async def make(**transport_options) -> Node:
+        node = Node(**transport_options)
+        await node.start(nursery)
+        return node
+
+    return make
+
+
+@pytest.fixture
+async def pair(nodes):
+    return await nodes(), await nodes()
+
+
+def dead_address() -> str:
+    """A [::1] address nothing listens on."""
+    with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as sock:
+        sock.bind(("::1", 0))
+        return format_address("::1", sock.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def raw_client(node: Node):
+    """A bare websocket connection to `node`, for sending it anything at all.
+
+    We own the socket: trio-websocket's client leaves it open when the
+    server closes first, which is what these tests are about."""
+    stream = await trio.open_tcp_stream("::1", node.transport.port)
+    async with stream, trio.open_nursery() as nursery:
+        ws: WebSocketConnection = await wrap_client_stream(
+            nursery, stream, f"[::1]:{node.transport.port}", "/")
+        yield ws
+        nursery.cancel_scope.cancel()
+
+
+async def eventually(check, bound: float = BOUND) -> None:
+    """Poll `check()` until it is true; fail after `bound` seconds."""
+    with trio.fail_after(bound):
+        while not check():
+            await trio.sleep(0.01)
+
+
+# -------------------------------------------------------------- addresses
+
+def test_addresses_have_one_spelling():
+    assert parse_address("ws://[::1]:9001") == ("::1", 9001)
+    assert parse_address("ws://node.example:80/") == ("node.example", 80)
+    assert normalize_address("ws://[0:0::1]:9001/") == "ws://[::1]:9001"
+    assert normalize_address("ws://[FD10:1234::0001]:9") == "ws://[fd10:1234::1]:9"
+    assert normalize_address("ws://127.0.0.1:5") == "ws://127.0.0.1:5"
+    for bad in ("http://[::1]:9", "ws://[::1]", "ws://[::1]:9/path", "ws://:9", "[::1]:9"):
+        with pytest.raises(ValueError):
+            parse_address(bad)
+
+
+def test_port_zero_binds_a_real_port_and_advertise_overrides():
+    bound = WebsocketTransport("::1")
+    try:
+        assert bound.port != 0
+        assert bound.address == f"ws://[::1]:{bound.port}"
+    finally:
+        bound.close()
+    wildcard = WebsocketTransport("::", advertise="fd10:1234::7")
+    try:
+        assert wildcard.address == f"ws://[fd10:1234::7]:{wildcard.port}"
+    finally:
+        wildcard.close()
+    explicit = WebsocketTransport("::1", advertise="ws://[fd10:1234::8]:9000")
+    try:
+        assert explicit.address == "ws://[fd10:1234::8]:9000"
+    finally:
+        explicit.close()
+
+
+async def test_wildcard_listener_serves_ipv6_and_where_allowed_ipv4(nodes):
+    node = await nodes(host="::", advertise="::1")
+    client = await nodes()
+    assert node.address == f"ws://[::1]:{node.transport.port}"
+    assert await client.ref("echo", node).ask(Echo("v6")) == "echo:v6"
+    try:
+        stream = await trio.open_tcp_stream("127.0.0.1", node.transport.port)
+    except OSError as exc:
+        pytest.skip(f"no dual-stack on this host: {exc}")
+    await stream.aclose()
+
+
+def test_hello_round_trip_and_rejects():
+    assert parse_hello(hello_frame("ws://[::1]:5")) == "ws://[::1]:5"
+    for bad in (b"{}", "nope", "[]", '{"hello": "ws://[::1]:5"}', '{"hello": 5, "version": 1}',
+                '{"hello": "ws://[::1]:5", "version": true}',
+                '{"hello": "ws://[::1]:5", "version": 2}',
+                '{"hello": "http://x:1", "version": 1}'):
+        with pytest.raises(ProtocolError):
+            parse_hello(bad)
+
+
+# ----------------------------------------------------------- tell and ask
+
+async def test_tell_and_ask_both_ways(pair):
+    a, b = pair
+    for item in ("one", "two", "three"):
+        await a.ref("recorder", b).tell(Record(item))
+    a.ref("recorder", b).tell_nowait(Record("four"))
+    assert await a.ref("recorder", b).ask(Recorded()) == ["one", "two", "three", "four"]
+
+    await b.ref("recorder", a).tell(Record("back"))
+    assert await b.ref("recorder", a).ask(Recorded()) == ["back"]
+    assert await b.ref("echo", a).ask(Echo("from b")) == "echo:from b"
+    assert await a.ref("echo", b).ask(Echo("from a")) == "echo:from a"
+
+
+async def test_one_connection_carries_both_directions(pair):
+    a, b = pair
+    assert await a.ref("echo", b).ask(Echo("x")) == "echo:x"
+    # b asks a over the connection a dialled, and a asks b back inside that
+    # ask: nobody dials a second connection.
+    assert await b.ref("echo", a).ask(Echo("y")) == "echo:y"
+    assert await a.ref("echo", b).ask(Relay(a.address, "z")) == "echo:z"
+    assert a.transport.connections(b.address) == ["out"]
+    assert b.transport.connections(a.address) == ["in"]
+
+
+async def test_replies_go_back_over_the_inbound_link(nodes):
+    # a advertises an address where nothing listens: b can only answer (and
+    # ask back) over the connection a opened.
+    a = await nodes(advertise=dead_address())
+    b = await nodes()
+    assert await a.ref("echo", b).ask(Echo("x")) == "echo:x"
+    assert await a.ref("echo", b).ask(Relay(a.address, "back")) == "echo:back"
+    assert b.transport.connections(a.address) == ["in"]
+
+
+async def test_simultaneous_first_contact_both_succeed(pair):
+    a, b = pair
+    answers = {}
+
+    async def ask(src: Node, dst: Node, text: str) -> None:
+        answers[text] = await src.ref("echo", dst).ask(Echo(text))
+
+    async with trio.open_nursery() as nursery:
+        for i in range(5):
+            nursery.start_soon(ask, a, b, f"a{i}")
+            nursery.start_soon(ask, b, a, f"b{i}")
+    assert answers == {t: f"echo:{t}" for t in answers} and len(answers) == 10
+
+
+# ------------------------------------------------------- errors come back
+
+async def test_refused_comes_back_as_itself(pair):
+    a, b = pair
+    with pytest.raises(WsOutOfStock) as refused:
+        await a.ref("echo", b).ask(Refuse())
+    assert (refused.value.code, refused.value.message, refused.value.details) == (
+        "out_of_stock", "none left", {"left": 0})
+
+
+async def test_remote_crash_is_actor_crashed(pair):
+    a, b = pair
+    with pytest.raises(ActorCrashed):
+        await a.ref("echo", b).ask(Crash())
+    # Its supervisor restarted it behind the same name.
+    assert await a.ref("echo", b).ask(Echo("again")) == "echo:again"
+
+
+async def test_unknown_remote_actor_is_actor_not_found(pair):
+    a, b = pair
+    with pytest.raises(ActorNotFound):
+        await a.ref("nobody", b).ask(Echo("x"))
+
+
+async def test_ask_timeout(pair):
+    a, b = pair
+    with pytest.raises(AskTimeout):
+        await a.ref("sleeper", b).ask(Hang(), timeout=0.2)
+
+
+async def test_oversized_envelope_fails_at_the_sender(nodes):
+    a = await nodes(max_frame_bytes=4096)
+    b = await nodes()
+    with pytest.raises(ProtocolError, match="frame limit"):
+        await a.ref("recorder", b).ask(Blob("x" * 8000))
+    assert await a.ref("echo", b).ask(Echo("still fine")) == "echo:still fine"
+
+
+# ----------------------------------------------------------- backpressure
+
+async def test_send_nowait_raises_mailbox_full_when_the_link_queue_is_full(nodes, caplog):
+    caplog.set_level(logging.INFO, logger="actors.ws")
+    a = await nodes(queue_size=4, unreachable_after=0.5)
+    ref = a.ref("recorder", dead_address())  # its link cannot drain
+    for i in range(4):
+        ref.tell_nowait(Record(str(i)))
+    with pytest.raises(MailboxFull):
+        ref.tell_nowait(Record("one too many"))
+    # Once the peer has been unreachable for unreachable_after, the queue is
+    # dropped (and said so) rather than kept, and redialled, for ever.
+    await eventually(lambda: any(getattr(r, "dropped", None) == 4 for r in caplog.records))
+    ref.tell_nowait(Record("room again"))
+
+
+def fill_link(ref, msg) -> int:
+    """tell_nowait until the link's queue is full; how many went in."""
+    sent = 0
+    while True:
+        try:
+            ref.tell_nowait(msg)
+        except MailboxFull:
+            return sent
+        sent += 1
+
+
+async def jam(ref, msg) -> int:
+    """Fill a link whose receiver does not read until its queue stays full.
+
+    A queue that is only briefly full drains while every task is idle, so
+    fill again after each quiet moment until nothing more fits."""
+    sent = 0
+    with trio.fail_after(BOUND):
+        while True:
+            added = fill_link(ref, msg)
+            sent += added
+            if sent and not added:
+                return sent
+            await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+
+
+async def test_a_stuck_receiver_pushes_back_to_the_sender_and_loses_nothing(nodes, nursery):
+    a = await nodes(queue_size=4)
+    b = await nodes()
+    sink = a.ref("sink", b)
+    blob = Blob("x" * 256 * 1024)
+    # b's sink holds its letters: b stops reading, TCP fills, a's queue fills.
+    sent = await jam(sink, blob)
+
+    # A waiting tell is held back rather than failed ...
+    told = trio.Event()
+
+    async def tell() -> None:
+        await sink.tell(blob)
+        told.set()
+
+    nursery.start_soon(tell)
+    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+    assert not told.is_set()
+
+    # ... and once b's sink lets go, everything arrives.
+    b.gate.set()
+    await eventually(lambda: told.is_set() and b.sunk == sent + 1)
+
+
+async def test_a_sender_held_back_fails_when_the_transport_stops(nodes, nursery):
+    a = await nodes(queue_size=2)
+    b = await nodes()
+    sink = a.ref("sink", b)
+    blob = Blob("x" * 256 * 1024)
+    await jam(sink, blob)
+    outcome: list[BaseException] = []
+
+    async def tell() -> None:
+        try:
+            await sink.tell(blob)
+        except Exception as exc:
+            outcome.append(exc)
+
+    nursery.start_soon(tell)
+    await trio.testing.wait_all_tasks_blocked(cushion=0.05)
+    await a.stop_serving()
+    await eventually(lambda: outcome)
+    assert isinstance(outcome[0], Unreachable)
+
+
+# ------------------------------------------------- link down and reconnect
+
+async def test_link_down_fails_pending_asks_then_reconnects(pair, nursery):
+    a, b = pair
+    assert await a.ref("echo", b).ask(Echo("up")) == "echo:up"
+
+    outcome: list[BaseException] = []
+
+    async def pending_ask() -> None:
+        try:
+            await a.ref("sleeper", b).ask(Hang(), timeout=10 * BOUND)
+        except Exception as exc:
+            outcome.append(exc)
+
+    nursery.start_soon(pending_ask)
+    await trio.testing.wait_all_tasks_blocked()
+
+    await b.stop_serving()
+    # The ask fails because the link went down, long before its own timeout.
+    await eventually(lambda: outcome)
+    assert isinstance(outcome[0], Unreachable)
+    assert a.transport.connections(b.address) == []
+    with trio.fail_after(BOUND), pytest.raises(Unreachable):
+        await a.ref("echo", b).ask(Echo("down"), timeout=2 * BOUND)
+
+    await b.start_serving(nursery)
+    with trio.fail_after(BOUND):
+        while True:
+            try:
+                assert await a.ref("echo", b).ask(Echo("again")) == "echo:again"
+                break
+            except Unreachable:
+                await trio.sleep(0.05)
+    assert a.transport.connections(b.address) == ["out"]
+
+
+async def test_envelopes_queued_while_down_arrive_after_reconnect(nodes, nursery):
+    a = await nodes(unreachable_after=BOUND)
+    b = await nodes()
+    assert await a.ref("echo", b).ask(Echo("up")) == "echo:up"
+    await b.stop_serving()
+    await eventually(lambda: not a.transport.connections(b.address))
+
+    for item in ("q1", "q2", "q3"):
+        a.ref("recorder", b).tell_nowait(Record(item))
+    await b.start_serving(nursery)
+    with trio.fail_after(BOUND):
+        assert await a.ref("recorder", b).ask(Recorded()) == ["q1", "q2", "q3"]
+
+
+async def test_dead_address_is_unreachable_within_the_bound(nodes):
+    a = await nodes()  # default unreachable_after
+    ref = a.ref("echo", dead_address())
+    with trio.fail_after(BOUND):
+        with pytest.raises(Unreachable):
+            await ref.ask(Echo("anyone?"), timeout=10 * BOUND)
+        with pytest.raises(Unreachable):
+            await ref.tell(Echo("anyone?"))
+
+
+async def test_a_peer_that_is_not_a_websocket_server_is_unreachable(nodes, nursery):
+    async def refuse_upgrade(stream: trio.SocketStream) -> None:
+        await stream.receive_some()
+        await stream.send_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 4\r\n\r\nnope")
+
+    listeners = await nursery.start(functools.partial(trio.serve_tcp, refuse_upgrade, 0, host="::1"))
+    http = format_address("::1", listeners[0].socket.getsockname()[1])
+    a = await nodes(unreachable_after=0.5)
+    with trio.fail_after(BOUND), pytest.raises(Unreachable, match="ConnectionRejected"):
+        await a.ref("echo", http).ask(Echo("x"))
+    b = await nodes()
+    assert await a.ref("echo", b).ask(Echo("still fine")) == "echo:still fine"
+
+
+async def test_sending_without_serving_is_unreachable():
+    transport = WebsocketTransport("::1")
+    try:
+        system = ActorSystem(transport=transport)
+        with pytest.raises(Unreachable, match="not serving"):
+            await system.ref("echo", dead_address()).tell(Echo("x"))
+    finally:
+        transport.close()
+
+
+# ---------------------------------------------------------------- garbage
+
+PEER = "ws://[::1]:1"  # the address our raw clients claim in their hello
+HELLO = hello_frame(PEER)
+
+
+def envelope(body, **fields) -> str:
+    env = {"from": PEER + "/", "to": "echo", "kind": "ask", "cid": 1, "body": body}
+    env.update(fields)
+    return orjson.dumps(env).decode()
+
+
+ECHO = {"$t": "test.ws.Echo", "text": "hi"}
+BIG = 70_000  # over the 64 KiB frame limit of the node under attack
+
+GARBAGE = {
+    "hello not json": (["{nope"], 1002),
+    "hello wrong shape": (['{"hello": 5, "version": 1}'], 1002),
+    "hello without version": (['{"hello": "ws://[::1]:1"}'], 1002),
+    "hello with a bad address": (['{"hello": "http://x:1", "version": 1}'], 1002),
+    "hello in a binary frame": ([HELLO.encode()], 1002),
+    "envelope without a hello": ([envelope(ECHO)], 1002),
+    "oversized hello": (["x" * BIG], 1009),
+    "not json": ([HELLO, "{not json"], 1002),
+    "json array": ([HELLO, "[1, 2]"], 1002),
+    "missing envelope fields": ([HELLO, '{"from": "x", "to": "echo"}'], 1002),
+    "unknown message tag": ([HELLO, envelope({"$t": "no.such.tag"})], 1002),
+    "wrong field type": ([HELLO, envelope({"$t": "test.ws.Echo", "text": 5})], 1002),
+    "ask without cid": ([HELLO, envelope(ECHO, cid=None)], 1002),
+    "binary envelope": ([HELLO, envelope(ECHO).encode()], 1002),
+    "oversized envelope": ([HELLO, envelope({"$t": "test.ws.Echo", "text": "x" * BIG})], 1009),
+}
+
+
+@pytest.mark.parametrize("frames, code", GARBAGE.values(), ids=GARBAGE.keys())
+async def test_garbage_closes_only_that_connection(nodes, caplog, frames, code):
+    caplog.set_level(logging.INFO, logger="actors.ws")
+    a = await nodes()
+    b = await nodes(max_frame_bytes=64 * 1024)
+    assert await a.ref("echo", b).ask(Echo("before")) == "echo:before"
+
+    with trio.fail_after(BOUND):
+        async with raw_client(b) as ws:
+            for frame in frames:
+                await ws.send_message(frame)
+            with pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await ws.get_message()
+            raw_peer = f"[::1]:{ws.local.port}"
+    assert closed.value.reason.code == code
+
+    # The process logged the peer's ProtocolError ...
+    warnings = [r for r in caplog.records if r.name == "actors.ws" and r.levelno == logging.WARNING
+                and getattr(r, "error", "").startswith("ProtocolError")]
+    assert warnings and warnings[-1].peer in (PEER, raw_peer)
+    # ... and a's link to b never noticed.
+    assert await a.ref("echo", b).ask(Echo("after")) == "echo:after"
+    assert a.transport.connections(b.address) == ["out"]
+    assert b.transport.connections(a.address) == ["in"]
+
+
+@pytest.mark.parametrize("junk", [
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # HTTP, but no websocket upgrade
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(64),  # a TLS hello
+    b"\x00\xff" * 512,
+], ids=["plain http", "tls", "binary"])
+async def test_non_websocket_junk_does_not_disturb_the_node(pair, junk):
+    a, b = pair
+    assert await a.ref("echo", b).ask(Echo("before")) == "echo:before"
+    with trio.fail_after(BOUND):
+        async with await trio.open_tcp_stream("::1", b.transport.port) as stream:
+            await stream.send_all(junk)
+            with contextlib.suppress(trio.BrokenResourceError):
+                while await stream.receive_some():  # until the node hangs up
+                    pass
+    assert await a.ref("echo", b).ask(Echo("after")) == "echo:after"
+
+
+async def test_a_valid_raw_client_gets_answers(nodes):
+    b = await nodes()
+    async with raw_client(b) as ws:
+        await ws.send_message(HELLO)
+        await ws.send_message(envelope(ECHO, cid=7))
+        with trio.fail_after(BOUND):
+            reply = orjson.loads(await ws.get_message())
+    assert (reply["kind"], reply["cid"], reply["body"]) == ("reply", 7, {"$t": "$json", "v": "echo:hi"})
+
+
+async def test_silent_client_is_closed_after_the_hello_timeout(nodes):
+    b = await nodes(hello_timeout=0.2)
+    with trio.fail_after(BOUND):
+        async with raw_client(b) as ws:
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.get_message()
+    assert closed.value.reason.code == 1002
+
+
+# --------------------------------------------------------------- shutdown
+
+async def test_stopping_closes_links_with_going_away(nodes):
+    b = await nodes()
+    with trio.fail_after(BOUND):
+        async with raw_client(b) as ws:
+            await ws.send_message(HELLO)
+            await eventually(lambda: b.transport.connections(PEER) == ["in"])
+            await b.stop_serving()
+            with pytest.raises(ConnectionClosed) as closed:
+                await ws.get_message()
+    assert closed.value.reason.code == 1001
