@@ -123,6 +123,131 @@ def _registry(args: argparse.Namespace) -> int:
     return code
 
 
+# --------------------------------------------------------------------------- node
+
+
+def _node_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", metavar="PATH", default=None,
+        help="node YAML config (default: built-in defaults, NODE_NAME required); "
+             "environment variables override it, see trustnet.node.config.NODE_ENV_VARS",
+    )
+
+
+@command("node", "run a node: register, keep the lease, keep authenticated peer links", _node_args)
+def _node(args: argparse.Namespace) -> int:
+    from trustnet.config import ConfigError, redacted
+    from trustnet.logs import setup_logging
+    from trustnet.node.config import load_node_config
+    from trustnet.version import build_info
+
+    try:
+        config = load_node_config(args.config, os.environ)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging("node", config.logging.level, config.logging.format)
+    log = logging.getLogger("trustnet.cli")
+    log.info("config loaded", extra={"config_path": args.config, "config": redacted(config), **build_info()})
+
+    import importlib
+
+    import trio
+
+    try:
+        service = importlib.import_module("trustnet.node.service")
+    except Exception:
+        log.critical("cannot load the node service", exc_info=True)
+        return EXIT_FAILURE
+    try:
+        code = trio.run(service.serve, config)
+    except KeyboardInterrupt:
+        log.info("interrupted")
+        return EXIT_INTERRUPTED
+    except Exception:  # noqa: BLE001 - fail fast, the container restarts us
+        log.critical("node failed", exc_info=True)
+        return EXIT_FAILURE
+    return code if isinstance(code, int) and not isinstance(code, bool) else EXIT_FAILURE
+
+
+DEFAULT_NODE_API = "http://[::1]:9100"
+
+
+def _api_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api", metavar="URL", default=os.environ.get("TRUSTNET_NODE_API", DEFAULT_NODE_API),
+                   help=f"the node's local API (default: $TRUSTNET_NODE_API or {DEFAULT_NODE_API})")
+
+
+def _call_node(args: argparse.Namespace, method: str, path: str, body: object = None,
+               params: dict | None = None) -> int:
+    import json
+
+    import httpx
+
+    try:
+        resp = httpx.request(method, args.api.rstrip("/") + path, params=params, timeout=15.0,
+                             json=body if method == "POST" else None)
+    except httpx.HTTPError as exc:
+        print(f"error: cannot reach the node API at {args.api}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    try:
+        data = resp.json()
+    except ValueError:
+        data = resp.text
+    if resp.is_success:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    err = data.get("error", {}) if isinstance(data, dict) else {}
+    print(f"error: {resp.status_code} {err.get('code', '')}: {err.get('message', data)}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def _payload(text: str) -> object:
+    import json
+
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text  # plain text is sent as a JSON string
+
+
+def _broadcast_args(p: argparse.ArgumentParser) -> None:
+    _api_arg(p)
+    p.add_argument("payload", help="JSON value (or plain text) to broadcast")
+
+
+@command("broadcast", "broadcast a message to every node of the mesh (via the local node)", _broadcast_args)
+def _broadcast(args: argparse.Namespace) -> int:
+    return _call_node(args, "POST", "/broadcast", {"payload": _payload(args.payload)})
+
+
+def _send_args(p: argparse.ArgumentParser) -> None:
+    _api_arg(p)
+    p.add_argument("node", metavar="NODE", help="the target node id")
+    p.add_argument("payload", help="JSON value (or plain text) to send")
+
+
+@command("send", "send a direct message to one node (via the local node)", _send_args)
+def _send(args: argparse.Namespace) -> int:
+    return _call_node(args, "POST", f"/send/{args.node}", {"payload": _payload(args.payload)})
+
+
+def _messages_args(p: argparse.ArgumentParser) -> None:
+    _api_arg(p)
+    p.add_argument("--since", type=int, default=0, help="only messages after this sequence number")
+    p.add_argument("--limit", type=int, default=100)
+
+
+@command("messages", "list the messages the local node received", _messages_args)
+def _messages(args: argparse.Namespace) -> int:
+    return _call_node(args, "GET", "/messages", params={"since": args.since, "limit": args.limit})
+
+
+@command("peers", "list the local node's peer links", _api_arg)
+def _peers(args: argparse.Namespace) -> int:
+    return _call_node(args, "GET", "/peers")
+
+
 # --------------------------------------------------------------------------- main
 
 

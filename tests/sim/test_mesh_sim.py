@@ -1,0 +1,257 @@
+"""The node actors (HeartbeatActor, MeshActor, PeerLinkActors) over the
+simulated network under MockClock, against a tiny in-sim registry that
+speaks trustnet.registry.node_protocol and checks signatures."""
+
+from __future__ import annotations
+
+import random
+
+import orjson
+import pytest
+import trio
+import trio.testing
+
+from actors import Actor, ActorSystem, Refused
+from actors.simnet import SimNetwork, SimTransport, seeded_trio_scheduler
+from actors.ws import format_address
+from trustnet.addressing import ula_for
+from trustnet.identity import IdentityError, NodeIdentity, ReplayGuard
+from trustnet.node.context import NodeContext, NodeParams
+from trustnet.node.mesh import MeshActor
+from trustnet.node.messages import Broadcast, GetInbox
+from trustnet.node.tree import run_node
+from trustnet.registry.messages import GetNode
+from trustnet.registry.node_protocol import Candidates, LinkReport, SignedHeartbeat, SignedRegister
+
+REGISTRY = "ws://[fd10:1234:ffff::1]:8001"
+TTL = 15.0
+
+
+class FakeRegistry(Actor):
+    """node_protocol in ~50 lines: signed register/heartbeat/link reports, leases, candidates."""
+
+    def __init__(self, seed: int):
+        self.nodes: dict[str, dict] = {}
+        self.keys: dict[str, str] = {}
+        self.deadline: dict[str, float] = {}
+        self.guard = ReplayGuard()
+        self.rng = random.Random(seed)
+        self.reports: list[tuple[str, str, str]] = []
+
+    def _check(self, text: str, purpose: str, key: str | None = None) -> tuple[str, dict]:
+        stmt = orjson.loads(text)
+        node_id = stmt["node_id"]
+        key = key or self.keys.get(node_id)
+        if key is None:
+            raise Refused("not_found", f"unknown node {node_id!r}")
+        try:
+            return node_id, self.guard.check(stmt, key, purpose)
+        except IdentityError as exc:
+            raise Refused("bad_statement", str(exc)) from None
+
+    def _live(self, node_id: str) -> bool:
+        return self.deadline.get(node_id, -1.0) > trio.current_time()
+
+    async def receive(self, msg):
+        now = trio.current_time()
+        match msg:
+            case SignedRegister(text):
+                claimed = orjson.loads(text)["body"]["public_key"]
+                node_id, body = self._check(text, "register", claimed)
+                if self.keys.setdefault(node_id, claimed) != claimed:
+                    raise Refused("name_taken", f"{node_id!r} is bound to another key")
+                self.nodes[node_id] = {"id": node_id, "ipv6": body["ipv6"], "port": body["port"],
+                                       "domain": body["domain"], "public_key": claimed,
+                                       "reputation": 0.5}
+                self.deadline[node_id] = now + TTL
+                return {"node": self.nodes[node_id], "heartbeat_interval": 5.0, "ttl": TTL}
+            case SignedHeartbeat(text):
+                node_id, _ = self._check(text, "heartbeat")
+                if not self._live(node_id):
+                    raise Refused("not_found", f"{node_id!r}: lease expired")
+                self.deadline[node_id] = now + TTL
+                return {"node_id": node_id, "lease_deadline": now + TTL, "ttl": TTL}
+            case LinkReport(text):
+                node_id, body = self._check(text, "link")
+                self.reports.append((node_id, body["peer"], body["state"]))
+                return {"ok": True}
+            case Candidates(node_id, limit):
+                live = [n for n in sorted(self.nodes) if n != node_id and self._live(n)]
+                self.rng.shuffle(live)
+                return {"peers": [self.nodes[n] for n in live[:limit]]}
+            case GetNode(node_id):
+                if node_id not in self.nodes:
+                    raise Refused("not_found", f"unknown node {node_id!r}")
+                return self.nodes[node_id]
+        return await super().receive(msg)
+
+
+def address_of(name: str) -> str:
+    return format_address(str(ula_for(name)), 9000)
+
+
+class Cluster:
+    def __init__(self, seed: int, n: int, max_connections: int = 6):
+        self.net = SimNetwork(seed)
+        self.seed = seed
+        self.names = [f"n{i:02d}" for i in range(n)]
+        self.max_connections = max_connections
+        self.contexts: dict[str, NodeContext] = {}
+        self.identities = {name: NodeIdentity.generate() for name in self.names}
+        self.exits: dict[str, int] = {}
+        self.registry = FakeRegistry(seed)
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        async def registry_main(transport: SimTransport) -> None:
+            system = ActorSystem(transport=transport)
+            async with trio.open_nursery() as inner:
+                await inner.start(system.serve)
+                await system.spawn(inner, self.registry, "registry")
+
+        await self.net.start_process(nursery, REGISTRY, registry_main)
+        for name in self.names:
+            await self.net.start_process(nursery, address_of(name), self._main(name))
+
+    def _main(self, name: str):
+        async def main(transport: SimTransport) -> None:
+            system = ActorSystem(transport=transport)
+            params = NodeParams(node_id=name, ipv6=str(ula_for(name)), port=9000,
+                                registry_address=REGISTRY, heartbeat_interval=5.0,
+                                startup_timeout=10.0, unreachable_timeout=30.0,
+                                request_timeout=2.0, max_connections=self.max_connections,
+                                peer_timeout=6.0, rotate_interval=20.0, seed=self.seed)
+            ctx = self.contexts[name] = NodeContext(params, self.identities[name], system)
+            async with trio.open_nursery() as inner:
+                await inner.start(system.serve)
+                self.exits[name] = await run_node(ctx)
+                inner.cancel_scope.cancel()
+        return main
+
+    def mesh(self, name: str) -> MeshActor:
+        return self.contexts[name].actors["mesh"]
+
+    def graph(self, alive: list[str]) -> dict[str, set[str]]:
+        return {n: set(self.mesh(n).links) & set(alive) for n in alive}
+
+    def inbox_count(self, name: str, msg_id: str) -> int:
+        return self.mesh(name).inbox.ids().count(msg_id)
+
+
+def connected(graph: dict[str, set[str]]) -> bool:
+    if not graph:
+        return True
+    start = next(iter(sorted(graph)))
+    seen, todo = {start}, [start]
+    while todo:
+        for peer in graph[todo.pop()]:
+            if peer in graph and peer not in seen:
+                seen.add(peer)
+                todo.append(peer)
+    return len(seen) == len(graph)
+
+
+async def settle(cluster: Cluster, alive: list[str], limit: float) -> float:
+    """Virtual seconds until the live nodes form one connected mesh (fails after `limit`)."""
+    start = trio.current_time()
+    while trio.current_time() - start < limit:
+        await trio.sleep(1.0)
+        try:
+            graph = cluster.graph(alive)
+        except KeyError:
+            continue
+        if connected(graph) and all(graph.values()):
+            return trio.current_time() - start
+    graph = cluster.graph(alive)
+    pytest.fail(f"mesh not connected after {limit}s: "
+                f"{ {n: sorted(p) for n, p in graph.items()} }")
+
+
+async def broadcast_reaches_all(cluster: Cluster, origin: str, alive: list[str]) -> None:
+    ctx = cluster.contexts[origin]
+    answer = await ctx.system.ref("mesh").ask(Broadcast(orjson.dumps({"hello": origin}).decode()))
+    await trio.sleep(2.0)
+    counts = {n: cluster.inbox_count(n, answer["id"]) for n in alive if n != origin}
+    assert all(c == 1 for c in counts.values()), {n: c for n, c in counts.items() if c != 1}
+    assert cluster.inbox_count(origin, answer["id"]) == 0
+
+
+@pytest.fixture
+def seeded():
+    with seeded_trio_scheduler(0):
+        yield
+
+
+async def test_fifty_nodes_form_a_mesh_and_heal(seeded, autojump_clock):
+    cluster = Cluster(seed=11, n=50, max_connections=6)
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery)
+        alive = list(cluster.names)
+        took = await settle(cluster, alive, limit=120)
+        for name in alive:
+            assert 1 <= len(cluster.mesh(name).links) <= cluster.max_connections
+        await broadcast_reaches_all(cluster, "n00", alive)
+
+        # Kill 5 nodes: their peers drop them (missed pongs) and re-link.
+        for name in cluster.names[10:15]:
+            cluster.net.crash(address_of(name))
+        alive = [n for n in alive if n not in cluster.names[10:15]]
+        await trio.sleep(8.0)
+        await settle(cluster, alive, limit=120)
+        assert not any(set(cluster.names[10:15]) & set(cluster.mesh(n).links) for n in alive)
+        await broadcast_reaches_all(cluster, "n20", alive)
+
+        # Partition the live nodes in two halves (both still reach the registry).
+        half_a, half_b = alive[::2], alive[1::2]
+        cluster.net.partition([address_of(n) for n in half_a], [address_of(n) for n in half_b])
+        await trio.sleep(15.0)
+        for name in half_a:
+            assert not set(cluster.mesh(name).links) & set(half_b)
+        cluster.net.heal()
+        await settle(cluster, alive, limit=300)
+        await broadcast_reaches_all(cluster, "n01", alive)
+        assert all(code == 0 for code in cluster.exits.values()), cluster.exits
+        nursery.cancel_scope.cancel()
+
+
+async def run_small(seed: int) -> list:
+    cluster = Cluster(seed=seed, n=12, max_connections=4)
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery)
+        await settle(cluster, cluster.names, limit=60)
+        cluster.net.crash(address_of("n03"))
+        await trio.sleep(20.0)
+        events = sorted((round(t, 6), n, e, p) for n in cluster.names if n != "n03"
+                        for t, e, p in cluster.mesh(n).events)
+        nursery.cancel_scope.cancel()
+    return events
+
+
+def test_replays_by_seed():
+    runs = []
+    for _ in range(2):
+        with seeded_trio_scheduler(3):
+            runs.append(trio.run(run_small, 5, clock=trio.testing.MockClock(autojump_threshold=0)))
+    assert runs[0] == runs[1]
+    assert any(e == "close" and p == "n03" for _, _, e, p in runs[0])
+
+
+async def test_stolen_name_is_refused_and_exits_1(seeded, autojump_clock):
+    cluster = Cluster(seed=2, n=3, max_connections=2)
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery)
+        await settle(cluster, cluster.names, limit=30)
+        # A second process claims the name n01 with a key of its own.
+        cluster.identities["n01"] = NodeIdentity.generate()
+        cluster.net_thief = "ws://[fd10:1234::99]:9000"
+        done = trio.Event()
+
+        async def thief_main(transport: SimTransport) -> None:
+            await cluster._main("n01")(transport)
+            done.set()
+
+        await cluster.net.start_process(nursery, cluster.net_thief, thief_main)
+        with trio.fail_after(30):
+            await done.wait()
+        assert cluster.exits["n01"] == 1
+        assert cluster.contexts["n01"].fatal_reason and "name_taken" in cluster.contexts["n01"].fatal_reason
+        nursery.cancel_scope.cancel()

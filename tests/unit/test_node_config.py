@@ -1,0 +1,49 @@
+import pytest
+
+from trustnet.addressing import ula_for
+from trustnet.config import ConfigError
+from trustnet.node.config import load_node_config
+
+
+def write(tmp_path, text):
+    p = tmp_path / "node.yaml"
+    p.write_text(text)
+    return p
+
+
+def test_example_config_loads():
+    c = load_node_config("configs/node.yaml", {})
+    assert c.node_id == "node-1" and c.node.listen_port == 9000
+    assert c.ping_interval == 20.0 and c.http.port == 9100
+
+
+def test_env_overrides_and_ula(tmp_path):
+    c = load_node_config(write(tmp_path, "node:\n  id: a\n"),
+                         {"NODE_NAME": "b", "NODE_ADVERTISE": "ula", "NODE_LISTEN_PORT": "9123",
+                          "REGISTRY_WS": "ws://[fd10:1234:ffff::1]:8001", "NODE_HTTP_PORT": "9200"})
+    assert c.node_id == "b" and c.node.listen_port == 9123 and c.http.port == 9200
+    assert c.advertise_ipv6 == str(ula_for("b"))
+
+
+@pytest.mark.parametrize("text, env, expect", [
+    ("node:\n  id: a\n  listen_port: abc\n", {}, "node.yaml: node.listen_port: must be an integer"),
+    ("node:\n  listen_port: 9000\n", {}, "node.id: required"),
+    ("node:\n  id: a\n  advertise: 10.0.0.1\n", {}, "node.advertise:"),
+    ("node:\n  id: a\nregistry:\n  ws: http://x\n", {}, "registry.ws:"),
+    ("node:\n  id: a\n  colour: red\n", {}, "node.colour: unknown key"),
+    ("node:\n  id: a\n", {"NODE_NAME": "bad name"}, "environment variable NODE_NAME: node.id:"),
+    ("node:\n  id: a\n", {"NODE_HTTP_PORT": "x"}, "environment variable NODE_HTTP_PORT: http.port:"),
+])
+def test_bad_config_names_source_and_field(tmp_path, text, env, expect):
+    with pytest.raises(ConfigError) as info:
+        load_node_config(write(tmp_path, text), env)
+    assert expect in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_cli_exits_2_on_bad_config(tmp_path, capsys):
+    from trustnet.cli import main
+    with pytest.raises(SystemExit) as info:
+        main(["node", "--config", str(write(tmp_path, "node:\n  id: a\n  listen_port: -1\n"))])
+    assert info.value.code == 2
+    assert "node.listen_port" in capsys.readouterr().err

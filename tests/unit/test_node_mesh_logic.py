@@ -1,0 +1,70 @@
+import random
+
+from trustnet.identity import NodeIdentity
+from trustnet.node.flood import Inbox, SeenSet, flood_step
+from trustnet.node.handshake import check_proof, new_challenge, sign_challenge
+
+
+def test_flood_delivers_once_and_forwards_to_others():
+    seen = SeenSet()
+    deliver, fwd = flood_step(seen, 0.0, "b", "m1", "a", "a", 5, None, ["a", "c", "d"])
+    assert deliver and fwd == ["c", "d"]
+    assert flood_step(seen, 1.0, "b", "m1", "a", "c", 4, None, ["a", "c", "d"]) == (False, [])
+
+
+def test_hop_limit_and_target():
+    seen = SeenSet()
+    assert flood_step(seen, 0, "b", "m1", "a", "a", 0, None, ["a", "c"]) == (True, [])
+    assert flood_step(seen, 0, "b", "m2", "a", "a", 3, "z", ["a", "c"]) == (False, ["c"])
+    assert flood_step(seen, 0, "z", "m3", "a", "c", 3, "z", ["a", "c", "d"]) == (True, [])
+
+
+def test_seen_set_is_bounded_by_size_and_age():
+    seen = SeenSet(capacity=3, max_age=10.0)
+    for i in range(5):
+        seen.add(f"m{i}", float(i))
+    assert len(seen) == 3 and "m0" not in seen and "m4" in seen
+    seen.add("late", 100.0)
+    assert len(seen) == 1
+
+
+def test_flood_on_a_graph_reaches_every_node_exactly_once():
+    rng = random.Random(1)
+    nodes = [f"n{i}" for i in range(30)]
+    links = {n: set() for n in nodes}
+    for i, n in enumerate(nodes[1:], 1):  # a random connected graph
+        for p in rng.sample(nodes[:i], min(i, 3)):
+            links[n].add(p)
+            links[p].add(n)
+    seen = {n: SeenSet() for n in nodes}
+    delivered = {n: 0 for n in nodes}
+    seen["n0"].add("m", 0)
+    queue = [(p, "n0", 15) for p in sorted(links["n0"])]
+    while queue:
+        node, via, hops = queue.pop(0)
+        deliver, fwd = flood_step(seen[node], 0, node, "m", "n0", via, hops, None, sorted(links[node]))
+        delivered[node] += deliver
+        queue += [(p, node, hops - 1) for p in fwd]
+    assert all(delivered[n] == 1 for n in nodes[1:]) and delivered["n0"] == 0
+
+
+def test_inbox_is_bounded_and_paged():
+    inbox = Inbox(capacity=2)
+    for i in range(3):
+        inbox.add(msg_id=f"m{i}", origin="a", kind="broadcast", payload='{"x": 1}', at=0.0)
+    assert [m["id"] for m in inbox.since(0)] == ["m1", "m2"]
+    assert [m["seq"] for m in inbox.since(2)] == [3]
+    assert inbox.since(0)[0]["payload"] == {"x": 1}
+
+
+def test_challenge_response():
+    a, b = NodeIdentity.generate(), NodeIdentity.generate()
+    c = new_challenge(random.Random(1))
+    sig = sign_challenge(b, c, "b", "a", "b")
+    assert check_proof(b.public_key, sig, c, "b", "a", "b")
+    assert not check_proof(a.public_key, sig, c, "b", "a", "b")        # wrong key (impostor)
+    assert not check_proof(b.public_key, sig, new_challenge(random.Random(2)), "b", "a", "b")
+    assert not check_proof(b.public_key, sig, c, "b", "b", "a")        # other direction
+    assert not check_proof(b.public_key, sig, c, "b", "a", "x")        # another link
+    assert not check_proof(None, sig, c, "b", "a", "b")
+    assert not check_proof(b.public_key, "garbage", c, "b", "a", "b")

@@ -1,0 +1,94 @@
+"""Mesh message logic (pure): dedup with bounded memory, hop limit, inbox.
+
+A broadcast gets a random id at its origin. Every node delivers it to its
+inbox the first time it sees the id and forwards it, with one hop less, to
+every linked peer except the one it came from (and the origin); later copies
+are dropped. So each node delivers it exactly once while the seen-set
+remembers the id; the seen-set keeps the newest `capacity` ids and forgets
+ids older than `max_age` seconds.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from typing import Any, Iterable
+
+import orjson
+
+DEFAULT_HOPS = 16
+
+
+class SeenSet:
+    """The message ids seen lately: at most `capacity`, none older than `max_age`."""
+
+    def __init__(self, capacity: int = 100_000, max_age: float = 600.0):
+        self.capacity = capacity
+        self.max_age = max_age
+        self._ids: OrderedDict[str, float] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, msg_id: str) -> bool:
+        return msg_id in self._ids
+
+    def add(self, msg_id: str, now: float) -> bool:
+        """Record `msg_id`; False if it was already there (a duplicate)."""
+        self._expire(now)
+        if msg_id in self._ids:
+            return False
+        self._ids[msg_id] = now
+        while len(self._ids) > self.capacity:
+            self._ids.popitem(last=False)
+        return True
+
+    def _expire(self, now: float) -> None:
+        horizon = now - self.max_age
+        while self._ids:
+            oldest, seen = next(iter(self._ids.items()))
+            if seen >= horizon:
+                return
+            del self._ids[oldest]
+
+
+def flood_step(seen: SeenSet, now: float, me: str, msg_id: str, origin: str, via: str,
+               hops_left: int, target: str | None, links: Iterable[str]
+               ) -> tuple[bool, list[str]]:
+    """What to do with a flooded message: (deliver here?, peers to forward to).
+
+    A message seen before is neither delivered nor forwarded. A new one is
+    delivered when it is for everyone or for us, and forwarded (unless its
+    hops are used up, or it was for us) to every link but `via` and `origin`.
+    """
+    if not seen.add(msg_id, now):
+        return False, []
+    deliver = target is None or target == me
+    if hops_left <= 0 or target == me:
+        return deliver, []
+    return deliver, [p for p in links if p not in (via, origin, me)]
+
+
+class Inbox:
+    """Received messages, newest `capacity` kept; each gets a growing sequence number."""
+
+    def __init__(self, capacity: int = 1000):
+        self._items: deque[dict[str, Any]] = deque(maxlen=capacity)
+        self.last_seq = 0
+
+    def add(self, *, msg_id: str, origin: str, kind: str, payload: str, at: float,
+            hops: int | None = None) -> dict[str, Any]:
+        self.last_seq += 1
+        try:
+            value = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            value = payload
+        item = {"seq": self.last_seq, "id": msg_id, "from": origin, "kind": kind,
+                "payload": value, "received_at": at, "hops": hops}
+        self._items.append(item)
+        return item
+
+    def since(self, seq: int, limit: int = 100) -> list[dict[str, Any]]:
+        return [i for i in self._items if i["seq"] > seq][:limit]
+
+    def ids(self) -> list[str]:
+        return [i["id"] for i in self._items]

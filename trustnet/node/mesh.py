@@ -1,0 +1,468 @@
+"""MeshActor: chooses peers, opens and accepts authenticated links, carries messages.
+
+Links. Every `maintain_every` seconds, while it has fewer than
+`max_connections` links (inbound, outbound and handshakes in progress count
+together), the mesh asks the registry for candidates (same domain first,
+then by reputation), and dials some of them in random order, same domain
+first. A dial is the challenge–response of trustnet.node.handshake over the
+kernel's actor messaging: LinkHello -> LinkChallenge (the acceptor proved its
+key), LinkProof -> ok (the dialler proved its key). Each side verifies the
+other's signature against the public key the registry lists for that name;
+a peer that fails is refused, logged, and reported as a failed link. Inbound
+handshakes beyond the limit are refused ("full"). When both sides dial each
+other at once, the dial from the smaller name wins ("dial_race").
+
+A lost link (three missed pongs) is closed, reported, and the peer is backed
+off (jittered exponential) before it is dialled again. Every `rotate_interval`
+a node at its limit drops one random link so that the graph keeps mixing and
+a mesh split by a partition merges again once the partition heals.
+
+Messages. A broadcast floods over the links with a random id, a hop limit and
+dedup (trustnet.node.flood): every node delivers it once. A direct message
+goes over the link to its target, opened on demand from the registry's
+address for it; if no link can be opened it is flooded with a target, and
+only the target delivers it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import attrs
+import orjson
+import trio
+
+from actors import Actor, ActorError, ChildSpec, Letter, Refused, Restart, Supervisor
+from trustnet.registry.messages import GetNode
+from trustnet.registry.node_protocol import Candidates, LinkReport
+
+from .context import NodeContext, node_address
+from .flood import DEFAULT_HOPS, Inbox, SeenSet, flood_step
+from .handshake import check_proof, new_challenge, sign_challenge
+from .messages import (
+    Broadcast,
+    Direct,
+    Flood,
+    GetInbox,
+    GetPeers,
+    LinkChallenge,
+    LinkClose,
+    LinkHello,
+    LinkLost,
+    LinkProof,
+    Send,
+)
+from .peerlink import PeerLinkActor, link_name
+
+log = logging.getLogger("trustnet.node.mesh")
+
+MESH_ACTOR = "mesh"
+HANDSHAKE_TIMEOUT = 10.0
+
+
+@attrs.define
+class LinkInfo:
+    peer: str
+    address: str
+    direction: str  # "in" | "out"
+    since: float
+
+
+@attrs.define
+class PendingIn:
+    challenge: str
+    public_key: str
+    address: str
+    since: float
+
+
+class MeshActor(Actor):
+    def __init__(self, node: NodeContext, links: Supervisor, *, inbox_size: int = 1000,
+                 hops: int = DEFAULT_HOPS):
+        self.node = node
+        self.p = node.params
+        self.me = node.node_id
+        self.links_sup = links
+        self.links: dict[str, LinkInfo] = {}
+        self.dialing: dict[str, float] = {}
+        self.pending_in: dict[str, PendingIn] = {}
+        self.backoff: dict[str, tuple[int, float]] = {}  # peer -> (failures, not before)
+        self.known: dict[str, dict[str, Any]] = {}  # peer -> {"address", "public_key"}
+        self.seen = SeenSet()
+        self.inbox = Inbox(inbox_size)
+        self.hops = hops
+        self.rng = node.rng("mesh")
+        self.challenges = node.rng("challenge")
+        self.last_rotate = 0.0
+        self.events: list[tuple[float, str, str]] = []  # (time, event, peer): for tests
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def on_start(self) -> None:
+        self.last_rotate = trio.current_time()
+        self.node.actors["mesh"] = self
+        self.nursery.start_soon(self._maintain_loop)
+
+    async def on_stop(self) -> None:
+        for peer in list(self.links):
+            self._tell_peer_mesh(self.links[peer].address, LinkClose(self.me, "shutting down"))
+
+    @property
+    def occupied(self) -> int:
+        return len(self.links.keys() | self.dialing.keys() | self.pending_in.keys())
+
+    # ------------------------------------------------------------ letters
+
+    async def handle(self, letter: Letter) -> None:
+        # These wait on other actors: answer them from a helper task so the
+        # mailbox keeps moving (pings, floods) meanwhile.
+        if isinstance(letter.msg, (LinkHello, LinkProof, Send)):
+            self.nursery.start_soon(self._answer_later, letter)
+            return
+        await super().handle(letter)
+
+    async def _answer_later(self, letter: Letter) -> None:
+        try:
+            msg = letter.msg
+            if isinstance(msg, LinkHello):
+                result = await self._on_hello(msg)
+            elif isinstance(msg, LinkProof):
+                result = await self._on_proof(msg)
+            else:
+                result = await self._on_send(msg)
+        except Refused as exc:
+            letter.fail(exc)
+        except ActorError as exc:
+            letter.fail(Refused("unavailable", str(exc)))
+        else:
+            letter.answer(result)
+
+    async def receive(self, msg: Any) -> Any:
+        match msg:
+            case Flood():
+                self._on_flood(msg)
+                return None
+            case Direct():
+                return self._on_direct(msg)
+            case LinkLost(peer, reason):
+                if peer in self.links:
+                    await self._close(peer, reason, notify=True)
+                    self._back_off(peer)
+                return None
+            case LinkClose(peer, reason):
+                if peer in self.links:
+                    log.info("peer closed the link", extra={"peer": peer, "reason": reason})
+                    await self._close(peer, f"peer: {reason}", notify=False)
+                return None
+            case Broadcast(payload):
+                return self._broadcast(payload)
+            case GetInbox(since, limit):
+                return {"messages": self.inbox.since(since, limit), "last_seq": self.inbox.last_seq}
+            case GetPeers():
+                return {"node_id": self.me, "max_connections": self.p.max_connections,
+                        "peers": self.peers()}
+        return await super().receive(msg)
+
+    def peers(self) -> list[dict[str, Any]]:
+        out = []
+        now = trio.current_time()
+        for peer in sorted(self.links):
+            info = self.links[peer]
+            child = self.links_sup.child(link_name(peer))
+            rtt = getattr(child, "rtt", None)
+            out.append({"id": peer, "address": info.address, "direction": info.direction,
+                        "age_seconds": round(now - info.since, 3),
+                        "rtt_ms": None if rtt is None else round(rtt * 1000, 3)})
+        return out
+
+    # ------------------------------------------------------------ maintenance
+
+    async def _maintain_loop(self) -> None:
+        while True:
+            try:
+                await self._maintain()
+            except ActorError as exc:
+                log.debug("mesh maintenance skipped", extra={"error": str(exc)})
+            await trio.sleep(self.p.maintain_every * self.rng.uniform(0.8, 1.2))
+
+    async def _maintain(self) -> None:
+        now = trio.current_time()
+        for peer in [p for p, pend in self.pending_in.items() if now - pend.since > HANDSHAKE_TIMEOUT]:
+            del self.pending_in[peer]
+        if (now - self.last_rotate >= self.p.rotate_interval
+                and len(self.links) >= self.p.max_connections):
+            self.last_rotate = now
+            victim = self.rng.choice(sorted(self.links))
+            log.info("rotating a link", extra={"peer": victim})
+            await self._close(victim, "rotated", notify=True)
+            self.backoff[victim] = (0, now + self.p.rotate_interval)
+        want = self.p.max_connections - self.occupied
+        if want <= 0:
+            return
+        answer = await self.node.registry.ask(
+            Candidates(self.me, max(20, 4 * self.p.max_connections)),
+            timeout=self.p.request_timeout)
+        now = trio.current_time()
+        same, other = [], []
+        for cand in answer.get("peers", []):
+            peer = cand.get("id")
+            if not isinstance(peer, str) or peer == self.me:
+                continue
+            try:
+                self.known[peer] = {"address": node_address(cand),
+                                    "public_key": cand.get("public_key")}
+            except (KeyError, ValueError, TypeError):
+                continue
+            if (peer in self.links or peer in self.dialing or peer in self.pending_in
+                    or self.backoff.get(peer, (0, 0.0))[1] > now):
+                continue
+            (same if cand.get("domain") == self.p.domain else other).append(peer)
+        self.rng.shuffle(same)
+        self.rng.shuffle(other)
+        for peer in (same + other)[:max(0, self.p.max_connections - self.occupied)]:
+            self.dialing[peer] = now
+            self.nursery.start_soon(self._dial_task, peer)
+
+    async def _dial_task(self, peer: str) -> None:
+        try:
+            await self._dial(peer)
+        finally:
+            self.dialing.pop(peer, None)
+
+    def _back_off(self, peer: str) -> None:
+        failures = self.backoff.get(peer, (0, 0.0))[0] + 1
+        cap = min(self.p.backoff_max, self.p.backoff_initial * 2 ** min(failures, 16))
+        self.backoff[peer] = (failures, trio.current_time() + cap / 2 + self.rng.uniform(0, cap / 2))
+
+    # ------------------------------------------------------------ dialling
+
+    async def _dial(self, peer: str) -> bool:
+        """Open a link to `peer` (challenge–response); True when it is open."""
+        self.dialing.setdefault(peer, trio.current_time())
+        known = self.known.get(peer)
+        if known is None or not known.get("public_key"):
+            known = await self._lookup(peer)
+            if known is None:
+                return False
+        address, key = known["address"], known["public_key"]
+        remote = self.node.system.ref(MESH_ACTOR, address)
+        challenge = new_challenge(self.challenges)
+        timeout = self.p.request_timeout
+        try:
+            answer = await remote.ask(LinkHello(self.me, self.node.system.address, peer, challenge),
+                                      timeout=timeout)
+            if not isinstance(answer, LinkChallenge) or answer.node_id != peer:
+                return self._failed(peer, "answered the hello with something else")
+            if not check_proof(key, answer.signature, challenge, peer, self.me, peer):
+                fresh = await self._lookup(peer)  # the key may have been re-bound
+                key = fresh["public_key"] if fresh else None
+                if not check_proof(key, answer.signature, challenge, peer, self.me, peer):
+                    return self._failed(peer, "signature does not match the registered key")
+            if peer in self.links:
+                return True  # its own dial to us got there first
+            await self._open_link(peer, address, "out")
+            proof = sign_challenge(self.node.identity, answer.challenge, self.me, self.me, peer)
+            await remote.ask(LinkProof(self.me, peer, proof), timeout=timeout)
+        except Refused as exc:
+            if peer in self.links and self.links[peer].direction == "out":
+                await self._close(peer, f"refused: {exc.code}", notify=False)
+            if exc.code not in ("dial_race",):
+                log.info("link refused by peer", extra={"peer": peer, "code": exc.code,
+                                                        "error": exc.message})
+                self._back_off(peer)
+            return False
+        except ActorError as exc:
+            if peer in self.links and self.links[peer].direction == "out":
+                await self._close(peer, "handshake failed", notify=False)
+            log.debug("dial failed", extra={"peer": peer, "error": str(exc)})
+            self._back_off(peer)
+            return False
+        self.backoff.pop(peer, None)
+        return True
+
+    def _failed(self, peer: str, why: str) -> bool:
+        log.warning("peer failed the link handshake, refused",
+                    extra={"peer": peer, "error": why})
+        self._report(peer, "failed")
+        self._back_off(peer)
+        return False
+
+    async def _lookup(self, peer: str) -> dict[str, Any] | None:
+        try:
+            node = await self.node.registry.ask(GetNode(peer), timeout=self.p.request_timeout)
+        except Refused:
+            return None
+        try:
+            known = {"address": node_address(node), "public_key": node.get("public_key")}
+        except (KeyError, ValueError, TypeError):
+            return None
+        self.known[peer] = known
+        return known
+
+    # ------------------------------------------------------------ accepting
+
+    async def _on_hello(self, hello: LinkHello) -> LinkChallenge:
+        peer = hello.node_id
+        if hello.target != self.me:
+            raise Refused("wrong_node", f"this is {self.me!r}, not {hello.target!r}")
+        if peer == self.me:
+            raise Refused("invalid", "a node does not link to itself")
+        if peer in self.dialing and self.me < peer:
+            raise Refused("dial_race", f"{self.me!r} is dialling {peer!r}")
+        self._check_room(peer)
+        known = await self._lookup(peer)
+        if known is None or not known.get("public_key"):
+            raise Refused("unknown_peer", f"the registry lists no key for {peer!r}")
+        self._check_room(peer)
+        challenge = new_challenge(self.challenges)
+        self.pending_in[peer] = PendingIn(challenge, known["public_key"], hello.address,
+                                          trio.current_time())
+        signature = sign_challenge(self.node.identity, hello.challenge, self.me, peer, self.me)
+        return LinkChallenge(self.me, signature, challenge)
+
+    def _check_room(self, peer: str) -> None:
+        if (peer not in self.links and peer not in self.pending_in
+                and self.occupied >= self.p.max_connections):
+            raise Refused("full", f"{self.me!r} has {self.p.max_connections} links already")
+
+    async def _on_proof(self, proof: LinkProof) -> dict[str, bool]:
+        peer = proof.node_id
+        pending = self.pending_in.get(peer)
+        if pending is None or proof.target != self.me:
+            raise Refused("no_handshake", f"no link handshake with {peer!r} in progress")
+        if not check_proof(pending.public_key, proof.signature, pending.challenge,
+                           peer, peer, self.me):
+            log.warning("peer failed the link handshake, refused",
+                        extra={"peer": peer, "error": "signature does not match the registered key"})
+            self.pending_in.pop(peer, None)
+            self._report(peer, "failed")
+            raise Refused("auth_failed", f"{peer!r} did not prove it holds its registered key")
+        try:
+            await self._open_link(peer, pending.address, "in")
+        finally:
+            if self.pending_in.get(peer) is pending:
+                del self.pending_in[peer]
+        return {"ok": True}
+
+    # ------------------------------------------------------------ links
+
+    async def _open_link(self, peer: str, address: str, direction: str) -> None:
+        if peer in self.links:
+            await self._close(peer, "replaced", notify=False)
+        name = link_name(peer)
+        mesh = self.ref
+
+        def start() -> PeerLinkActor:
+            return PeerLinkActor(self.node, mesh, peer, address, direction)
+
+        try:
+            await self.links_sup.start_child(ChildSpec(name, start, Restart.TEMPORARY,
+                                                       mailbox_size=100))
+        except ValueError:  # a link being replaced concurrently: take its place
+            await self.links_sup.stop_child(name)
+            await self.links_sup.start_child(ChildSpec(name, start, Restart.TEMPORARY,
+                                                       mailbox_size=100))
+        self.links[peer] = LinkInfo(peer, address, direction, trio.current_time())
+        self.events.append((trio.current_time(), "open", peer))
+        log.info("link opened", extra={"peer": peer, "address": address, "direction": direction,
+                                       "links": len(self.links)})
+        self._report(peer, "open")
+
+    async def _close(self, peer: str, reason: str, *, notify: bool) -> None:
+        info = self.links.pop(peer, None)
+        if info is None:
+            return
+        child = self.links_sup.child(link_name(peer))
+        rtt = getattr(child, "rtt", None)
+        await self.links_sup.stop_child(link_name(peer))
+        if notify:
+            self._tell_peer_mesh(info.address, LinkClose(self.me, reason))
+        self.events.append((trio.current_time(), "close", peer))
+        log.info("link closed", extra={"peer": peer, "reason": reason, "links": len(self.links)})
+        self._report(peer, "closed", rtt)
+
+    def _tell_peer_mesh(self, address: str, msg: Any) -> bool:
+        try:
+            self.node.system.ref(MESH_ACTOR, address).tell_nowait(msg)
+            return True
+        except ActorError as exc:
+            log.debug("send to peer failed", extra={"address": address, "error": str(exc)})
+            return False
+
+    def _report(self, peer: str, state: str, rtt: float | None = None) -> None:
+        body = {"peer": peer, "state": state,
+                "rtt_ms": None if rtt is None else round(rtt * 1000, 3)}
+        stmt = orjson.dumps(self.node.identity.statement("link", self.me, body)).decode()
+
+        async def send() -> None:
+            try:
+                await self.node.registry.ask(LinkReport(stmt), timeout=self.p.request_timeout)
+            except ActorError as exc:
+                log.debug("link report not delivered", extra={"peer": peer, "error": str(exc)})
+
+        self.nursery.start_soon(send)
+
+    # ------------------------------------------------------------ messages
+
+    def _new_id(self) -> str:
+        return f"{self.rng.getrandbits(64):016x}"
+
+    def _broadcast(self, payload: str) -> dict[str, Any]:
+        msg_id = self._new_id()
+        self.seen.add(msg_id, trio.current_time())
+        sent = 0
+        for peer in sorted(self.links):
+            msg = Flood(msg_id, self.me, self.me, self.hops - 1, payload)
+            sent += self._tell_peer_mesh(self.links[peer].address, msg)
+        log.info("broadcast sent", extra={"msg_id": msg_id, "links": sent})
+        return {"id": msg_id, "sent_to": sent}
+
+    def _on_flood(self, msg: Flood) -> None:
+        if msg.via not in self.links:
+            log.debug("flood from a node we have no link with, dropped",
+                      extra={"via": msg.via, "msg_id": msg.msg_id})
+            return
+        now = trio.current_time()
+        deliver, forward = flood_step(self.seen, now, self.me, msg.msg_id, msg.origin, msg.via,
+                                      msg.hops_left, msg.target, sorted(self.links))
+        if deliver:
+            self.inbox.add(msg_id=msg.msg_id, origin=msg.origin,
+                           kind="broadcast" if msg.target is None else "direct",
+                           payload=msg.payload, at=now, hops=self.hops - msg.hops_left)
+        relay = attrs.evolve(msg, via=self.me, hops_left=msg.hops_left - 1)
+        for peer in forward:
+            self._tell_peer_mesh(self.links[peer].address, relay)
+
+    def _on_direct(self, msg: Direct) -> None:
+        if msg.target != self.me or msg.origin not in self.links:
+            log.debug("direct message dropped", extra={"origin": msg.origin, "target": msg.target})
+            return
+        if self.seen.add(msg.msg_id, trio.current_time()):
+            self.inbox.add(msg_id=msg.msg_id, origin=msg.origin, kind="direct",
+                           payload=msg.payload, at=trio.current_time(), hops=1)
+
+    async def _on_send(self, msg: Send) -> dict[str, Any]:
+        target = msg.target
+        if target == self.me:
+            raise Refused("invalid", "a node does not send to itself")
+        msg_id = self._new_id()
+        if target not in self.links:
+            if await self._lookup(target) is None:
+                raise Refused("not_found", f"the registry lists no node {target!r}")
+            try:
+                await self._dial(target)
+            finally:
+                self.dialing.pop(target, None)
+        info = self.links.get(target)
+        if info is not None and self._tell_peer_mesh(
+                info.address, Direct(msg_id, self.me, target, msg.payload)):
+            return {"id": msg_id, "route": "link"}
+        if not self.links:
+            raise Refused("unreachable", f"no link to {target!r} could be opened and this node "
+                                         "has no links to relay through")
+        self.seen.add(msg_id, trio.current_time())
+        for peer in sorted(self.links):
+            self._tell_peer_mesh(self.links[peer].address,
+                                 Flood(msg_id, self.me, self.me, self.hops - 1, msg.payload, target))
+        return {"id": msg_id, "route": "flood"}
