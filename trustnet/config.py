@@ -535,6 +535,8 @@ def redacted(config: Any) -> dict[str, Any]:
 class ListenConfig:
     host: IPHost = IPHost("::")
     port: ListenPort = ListenPort(8000)
+    # nodes' actor links (signed heartbeats, link reports) arrive here as websockets
+    ws_port: ListenPort = ListenPort(8001)
 
 
 @attrs.frozen
@@ -592,6 +594,7 @@ class RegistryConfig:
 
 REGISTRY_ENV_VARS: Mapping[str, str] = types.MappingProxyType({
     "REGISTRY_PORT": "listen.port",
+    "REGISTRY_WS_PORT": "listen.ws_port",
     "REGISTRY_LISTEN": "listen.host",
     "REGISTRY_DB_PATH": "database.path",
     "REGISTRY_API_KEY": "api_key",

@@ -70,8 +70,9 @@ def level_name(levelno: int) -> str:
 
 
 def _timestamp(created: float) -> str:
-    dt = datetime.fromtimestamp(created, UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+    # "2026-01-30T14:23:15.123Z": the same string as strftime("%Y-%m-%dT%H:%M:%S.")
+    # plus the milliseconds, at about half the cost (it runs for every line)
+    return datetime.fromtimestamp(created, UTC).isoformat(timespec="milliseconds")[:-6] + "Z"
 
 
 def _safe_str(value: Any) -> str:

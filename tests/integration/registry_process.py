@@ -46,7 +46,7 @@ TRUSTNET = str(Path(sys.executable).parent / "trustnet")
 """The console script of the venv running the tests."""
 
 ENV_VARS = (
-    "REGISTRY_PORT", "REGISTRY_LISTEN", "REGISTRY_DB_PATH", "REGISTRY_API_KEY",
+    "REGISTRY_PORT", "REGISTRY_WS_PORT", "REGISTRY_LISTEN", "REGISTRY_DB_PATH", "REGISTRY_API_KEY",
     "LOG_LEVEL", "LOG_FORMAT", "REGISTRY_HEARTBEAT_INTERVAL",
 )
 """Variables the registry reads; removed from the inherited environment."""
@@ -127,6 +127,7 @@ class RegistryProcess:
             listen = doc.setdefault("listen", {})
             listen.setdefault("host", "::1")
             listen.setdefault("port", 0)
+            listen.setdefault("ws_port", 0)  # tests run side by side: no fixed ports
             self.config_path.write_text(yaml.safe_dump(doc))
         self.process: trio.Process | None = None
         self.base_url: str | None = None
@@ -162,6 +163,8 @@ class RegistryProcess:
             raise
         self.port = _port_of(line.get("binds"))
         self.base_url = f"http://[::1]:{self.port}"
+        self.ws_address = line.get("ws")
+        """The registry's actor address for nodes, e.g. ws://[::1]:PORT."""
         return self.base_url
 
     async def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:

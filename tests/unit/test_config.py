@@ -374,6 +374,7 @@ def test_file_error_reported_before_env(tmp_path):
 def test_env_table_is_the_documented_one():
     assert dict(REGISTRY_ENV_VARS) == {
         "REGISTRY_PORT": "listen.port",
+        "REGISTRY_WS_PORT": "listen.ws_port",
         "REGISTRY_LISTEN": "listen.host",
         "REGISTRY_DB_PATH": "database.path",
         "REGISTRY_API_KEY": "api_key",
@@ -386,6 +387,7 @@ def test_env_table_is_the_documented_one():
 def test_every_env_var_reaches_its_field():
     samples = {
         "REGISTRY_PORT": ("9000", 9000),
+        "REGISTRY_WS_PORT": ("9001", 9001),
         "REGISTRY_LISTEN": ("::1", "::1"),
         "REGISTRY_DB_PATH": ("/d.db", "/d.db"),
         "REGISTRY_API_KEY": ("key", "key"),
@@ -408,7 +410,7 @@ def test_redacted_masks_the_api_key():
     assert d["api_key"] == "***"
     assert "topsecret" not in repr(d)
     assert "topsecret" not in repr(c)
-    assert d["listen"] == {"host": "::", "port": 8000}
+    assert d["listen"] == {"host": "::", "port": 8000, "ws_port": 8001}
 
 
 # --------------------------------------------------------------------------- reuse

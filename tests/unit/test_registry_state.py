@@ -20,7 +20,10 @@ from trustnet.registry.commands import (
     LeaseEntry,
     NotFound,
     RegisterNode,
+    ReleaseIdentity,
     RemovePeer,
+    ReputationEntry,
+    SetReputation,
 )
 from trustnet.registry.state import (
     AlreadyApplied,
@@ -91,7 +94,8 @@ def test_register_creates_node_and_its_domain(state, log):
 
 def test_register_again_updates_but_keeps_registration_time_and_key(state, log):
     log.apply(reg("n1", "fd10::1", public_key="pk1"))
-    node = log.apply(reg("n1", "fd10::2", domain="beta", at=T0 + 60, port=7001))
+    node = log.apply(reg("n1", "fd10::2", domain="beta", at=T0 + 60, port=7001,
+                         public_key="pk1"))
 
     assert node["ipv6"] == "fd10::2" and node["port"] == 7001 and node["domain"] == "beta"
     assert node["registered_at"] == "2026-01-30T12:00:00.000000Z"
@@ -524,3 +528,44 @@ def test_refusals_cross_the_wire_as_themselves(refusal):
     assert type(rebuilt) is type(refusal)
     assert (rebuilt.code, rebuilt.message, rebuilt.details) == (
         refusal.code, refusal.message, refusal.details)
+
+
+# ------------------------------------------------------------ identities
+
+
+def test_first_keyed_registration_binds_the_name(state, log):
+    log.apply(reg("n1", "fd10::1", public_key="pk1"))
+    with pytest.raises(Conflict) as other_key:
+        log.apply(reg("n1", "fd10::1", public_key="pk2"))
+    assert other_key.value.code == "name_taken"
+    with pytest.raises(Conflict) as unsigned:
+        log.apply(reg("n1", "fd10::1"))
+    assert unsigned.value.code == "name_taken"
+    assert state.public_key_of("n1") == "pk1"
+
+
+def test_binding_outlives_expiry_until_released(state, log):
+    log.apply(reg("n1", "fd10::1", public_key="pk1"))
+    log.apply(ExpireNodes(node_ids=("n1",), at=T0 + 100))
+    with pytest.raises(Conflict):
+        log.apply(reg("n1", "fd10::1", public_key="thief"))
+    assert log.apply(ReleaseIdentity(node_id="n1")) == {"node_id": "n1", "released": True}
+    assert log.apply(reg("n1", "fd10::1", public_key="new"))["public_key"] == "new"
+    with pytest.raises(NotFound):
+        log.apply(ReleaseIdentity(node_id="nobody"))
+
+
+def test_unkeyed_names_stay_open(state, log):
+    log.apply(reg("n1", "fd10::1"))
+    assert log.apply(reg("n1", "fd10::2"))["ipv6"] == "fd10::2"
+    assert state.public_key_of("n1") is None
+
+
+def test_set_reputation(state, log):
+    log.apply(reg("n1", "fd10::1"))
+    out = log.apply(SetReputation(entries=(ReputationEntry("n1", 0.9),
+                                           ReputationEntry("ghost", 0.1))))
+    assert out == {"updated": 1}
+    assert state.get_node("n1")["reputation"] == 0.9
+    with pytest.raises(Invalid):
+        log.apply(SetReputation(entries=(ReputationEntry("n1", 1.5),)))

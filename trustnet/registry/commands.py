@@ -27,7 +27,10 @@ __all__ = [
     "LeaseEntry",
     "NotFound",
     "RegisterNode",
+    "ReleaseIdentity",
     "RemovePeer",
+    "ReputationEntry",
+    "SetReputation",
 ]
 
 
@@ -127,7 +130,27 @@ class CheckpointLeases:
     entries: tuple[LeaseEntry, ...]
 
 
+@message("registry.release_identity")
+class ReleaseIdentity:
+    """An administrator frees a name from the key it was bound to."""
+
+    node_id: str
+
+
+@message("registry.reputation_entry")
+class ReputationEntry:
+    node_id: str
+    reputation: float
+
+
+@message("registry.set_reputation")
+class SetReputation:
+    """Persist reputations the leader computed (unknown ids are skipped)."""
+
+    entries: tuple[ReputationEntry, ...]
+
+
 Command = (
     RegisterNode | DeleteNode | CreateDomain | AddPeer | RemovePeer | ExpireNodes
-    | CheckpointLeases
+    | CheckpointLeases | ReleaseIdentity | SetReputation
 )

@@ -19,6 +19,7 @@ class Register:
     ipv6: str
     port: int = DEFAULT_PORT
     domain: str = DEFAULT_DOMAIN
+    public_key: str | None = None  # set for signed registrations: binds the name
 
 
 @message("registry.req.deregister")
@@ -73,3 +74,15 @@ class RemovePeerReq:
 @message("registry.req.status")
 class Status:
     pass
+
+
+@message("registry.req.reputation")
+class ReputationOf:
+    node_id: str
+
+
+@message("registry.req.release_name")
+class ReleaseName:
+    """Admin: free a name from its key (the API key guards the route)."""
+
+    node_id: str

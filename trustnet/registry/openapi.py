@@ -19,8 +19,9 @@ def _json(schema: dict, description: str) -> dict:
 
 def _errors(*codes: int) -> dict:
     text = {400: "Bad request (malformed JSON, wrong type, unknown field, invalid value)",
-            401: "API key missing", 403: "API key wrong", 404: "Not found",
-            409: "Conflict", 413: "Body too large", 503: "Registry unavailable"}
+            401: "API key missing", 403: "API key wrong, or statement not signed by the name's key", 404: "Not found",
+            409: "Conflict (ipv6 taken, name bound to another key)", 413: "Body too large",
+            503: "Registry unavailable"}
     return {str(c): _json(_ref("Error"), text[c]) for c in codes}
 
 
@@ -110,10 +111,26 @@ OPENAPI: dict = {
                        "responses": {"200": _json(_ref("Node"), "The removed node"),
                                      **_errors(*_WRITE, 404)}}},
         "/nodes/{node_id}/heartbeat": {
-            "post": {"summary": "Renew a node's lease (404: register again)",
+            "post": {"summary": "Renew a node's lease (404: register again). A node bound "
+                                "to a key sends {\"statement\": <signed statement JSON text>}",
                      "parameters": [_NODE_ID], "security": [{"bearer": []}],
+                     "requestBody": {"required": False, "content": {"application/json": {
+                         "schema": {"type": "object", "additionalProperties": False,
+                                    "properties": {"statement": {"type": "string"}}}}}},
                      "responses": {"200": _json(_ref("Lease"), "Lease renewed"),
                                    **_errors(*_WRITE, 404)}}},
+        "/nodes/{node_id}/reputation": {
+            "get": {"summary": "A node's reputation in [0, 1] and how it was computed",
+                    "parameters": [_NODE_ID],
+                    "responses": {"200": _json({"type": "object", "properties": {
+                        "reputation": {"type": "number"}, "stored": {"type": "number"},
+                        "heartbeats": {"type": "object"}, "links": {"type": "object"}}},
+                        "Reputation breakdown"), **_errors(400, 404, 503)}}},
+        "/nodes/{node_id}/identity": {
+            "delete": {"summary": "Admin: release a node name from the key it is bound to",
+                       "parameters": [_NODE_ID], "security": [{"bearer": []}],
+                       "responses": {"200": _json({"type": "object"}, "Released"),
+                                     **_errors(*_WRITE, 404)}}},
         "/domains": {
             "get": {"summary": "All domains", "responses": {
                 "200": _json({"type": "object", "properties": {
@@ -135,6 +152,7 @@ OPENAPI: dict = {
                                    **_errors(*_WRITE, 404)}},
             "delete": {"summary": "Remove a link (JSON body or ?node_a=&node_b=)",
                        "security": [{"bearer": []}],
+                       "requestBody": {**_BODY("PeerPair"), "required": False},
                        "parameters": [{"name": "node_a", "in": "query", "schema": _NAME},
                                       {"name": "node_b", "in": "query", "schema": _NAME}],
                        "responses": {"200": _json(_ref("PeerPair"), "Removed"),

@@ -16,6 +16,7 @@ import hypercorn.trio
 import trio
 
 from actors import ActorSystem, ChildSpec, Restart, Supervisor, run_root
+from actors.ws import WebsocketTransport
 from trustnet.config import RegistryConfig
 from trustnet.logs import hypercorn_logging
 
@@ -32,7 +33,8 @@ def registry_supervisor(system: ActorSystem, state: RegistryState,
                         config: RegistryConfig) -> Supervisor:
     def start() -> RegistryActor:
         return RegistryActor(state, ttl=config.leases.ttl,
-                             checkpoint_interval=config.leases.checkpoint_interval)
+                             checkpoint_interval=config.leases.checkpoint_interval,
+                             heartbeat_interval=config.leases.heartbeat_interval)
 
     return Supervisor(system, "registry-root",
                       [ChildSpec("registry", start, Restart.PERMANENT, mailbox_size=10_000)],
@@ -69,7 +71,14 @@ async def serve(config: RegistryConfig) -> int:
 async def _run(config: RegistryConfig, state: RegistryState) -> int:
     if not config.api_key:
         log.warning("REGISTRY_API_KEY is not set: the registry accepts writes from anyone")
-    system = ActorSystem()
+    try:
+        # Nodes' actor links (signed heartbeats, link reports) come in here.
+        transport = WebsocketTransport(config.listen.host, config.listen.ws_port)
+    except OSError as exc:
+        log.critical("cannot listen for node links",
+                     extra={"port": config.listen.ws_port, "error": str(exc)})
+        return EXIT_FAILURE
+    system = ActorSystem(transport=transport)
     supervisor = registry_supervisor(system, state, config)
     app = create_app(system.ref("registry"), api_key=config.api_key,
                      max_body_bytes=config.http.max_body_bytes,
@@ -96,6 +105,7 @@ async def _run(config: RegistryConfig, state: RegistryState) -> int:
             http_done.set()
 
     async with trio.open_nursery() as nursery:
+        await nursery.start(system.serve)
         await nursery.start(supervise)
         nursery.start_soon(_watch_signals, shutdown)
         try:
@@ -105,7 +115,7 @@ async def _run(config: RegistryConfig, state: RegistryState) -> int:
                                                  "error": str(exc)})
             code = EXIT_FAILURE
         else:
-            log.info("registry listening", extra={"binds": binds,
+            log.info("registry listening", extra={"binds": binds, "ws": transport.address,
                                                    "database": config.database.path})
             await http_done.wait()
         actors_scope.cancel()  # the actors behind the routes go last

@@ -24,9 +24,11 @@ import threading
 from datetime import UTC, datetime
 from typing import Any, Callable, Iterator
 
+import attrs
 import orjson
 import sqlite_utils
 
+from actors.codec import error_body, error_from_body
 from actors.errors import Refused
 
 from .commands import (
@@ -40,11 +42,15 @@ from .commands import (
     LeaseEntry,
     NotFound,
     RegisterNode,
+    ReleaseIdentity,
     RemovePeer,
+    SetReputation,
 )
 
 __all__ = [
     "AlreadyApplied",
+    "SESSION_WINDOW",
+    "Session",
     "DatabaseUnavailable",
     "NotARegistryDatabase",
     "RegistryState",
@@ -103,7 +109,49 @@ _HASHED_TABLES = (
     ("nodes", "id, domain_id, ipv6_addr, port, reputation, last_heartbeat, "
               "registered_at, lease_deadline, public_key", "id"),
     ("peers", "node_a, node_b, connected_at", "node_a, node_b"),
+    ("identities", "node_id, public_key, bound_at", "node_id"),
 )
+
+# A name is bound to the key of its first signed registration and stays bound
+# when its lease expires (the node row goes, the binding does not), so nobody
+# else can take the name while its owner is offline. Only an administrator
+# releases it.
+_IDENTITIES_SCHEMA = """
+CREATE TABLE IF NOT EXISTS identities (
+    node_id TEXT PRIMARY KEY,
+    public_key TEXT NOT NULL,
+    bound_at TEXT NOT NULL
+);
+"""
+
+
+# Client sessions (Raft thesis section 6.3): a write carries a request id; the
+# first application of that id records its result, a later entry with the same
+# id (a client retry after a timeout or a leader change) returns that result
+# without applying again. Rows older than SESSION_WINDOW log entries are
+# evicted, deterministically (by log index, never by clock), so every replica
+# evicts the same rows at the same index.
+SESSION_WINDOW = 100_000
+
+_SESSIONS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sessions (
+    request_id TEXT PRIMARY KEY,
+    idx INTEGER NOT NULL,
+    result TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_idx ON sessions(idx);
+"""
+
+
+@attrs.frozen
+class Session:
+    """A command wrapped with the client's request id: applied at most once per id.
+
+    Hand it to `apply_batch` like a command. Its result is the command's
+    result (or refusal) from the first time this request id was applied."""
+
+    request_id: str
+    command: Any
 
 
 class StorageError(Exception):
@@ -164,6 +212,8 @@ class RegistryState:
             RemovePeer: self._remove_peer,
             ExpireNodes: self._expire_nodes,
             CheckpointLeases: self._checkpoint_leases,
+            ReleaseIdentity: self._release_identity,
+            SetReputation: self._set_reputation,
         }
 
     # ------------------------------------------------------------ lifecycle
@@ -227,6 +277,12 @@ class RegistryState:
         below applied_index. Any other exception rolls back the whole batch
         and propagates. Indices must increase; gaps are allowed (consensus
         may skip entries that are not commands).
+
+        A command of None is a log entry that is not a registry command (a
+        Raft no-op or membership change): it changes nothing but its index
+        is recorded, so applied_index follows the log exactly (a snapshot
+        taken now is a snapshot at the log's applied index). A `Session`
+        applies its command at most once per request id.
         """
         _check_indices(items)
         applied = self._applied
@@ -236,7 +292,12 @@ class RegistryState:
                 if index <= applied:
                     results.append(AlreadyApplied)
                     continue
-                results.append(self._apply_one(cmd))
+                if cmd is None:
+                    results.append(None)
+                elif isinstance(cmd, Session):
+                    results.append(self._apply_session(index, cmd))
+                else:
+                    results.append(self._apply_one(cmd))
                 applied = index
             if applied != self._applied:
                 self._conn.execute("UPDATE meta SET value = ? WHERE key = 'applied_index'",
@@ -260,6 +321,32 @@ class RegistryState:
         self._conn.execute("RELEASE command")
         return result
 
+    def _apply_session(self, index: int, session: Session) -> Any:
+        rid = session.request_id
+        if not isinstance(rid, str) or not rid:
+            return self._apply_one(session.command)  # no id: no deduplication
+        row = self._conn.execute("SELECT result FROM sessions WHERE request_id = ?",
+                                 [rid]).fetchone()
+        if row is not None:
+            return _session_result(row[0])
+        result = self._apply_one(session.command)
+        stored = ({"refused": error_body(result)} if isinstance(result, Refused)
+                  else {"ok": result})
+        self._conn.execute("INSERT INTO sessions (request_id, idx, result) VALUES (?, ?, ?)",
+                           [rid, index, orjson.dumps(stored).decode()])
+        self._conn.execute("DELETE FROM sessions WHERE idx <= ?", [index - SESSION_WINDOW])
+        return result
+
+    @_serialized
+    def session_result(self, request_id: str) -> Any:
+        """The recorded result (dict or Refused) of `request_id`; KeyError if
+        no write with that id was applied (or it was evicted)."""
+        row = self._conn.execute("SELECT result FROM sessions WHERE request_id = ?",
+                                 [request_id]).fetchone()
+        if row is None:
+            raise KeyError(request_id)
+        return _session_result(row[0])
+
     def _transaction(self) -> _Transaction:
         return _Transaction(self._conn)
 
@@ -271,6 +358,7 @@ class RegistryState:
         if holder is not None and holder != node_id:
             raise Conflict("ipv6_taken", f"{ipv6} is already registered by node {holder!r}",
                            {"ipv6": ipv6, "node_id": holder})
+        key = self._bind_identity(node_id, key, at)
         domain_id = self._ensure_domain(domain, at)
         self._db.execute(
             """INSERT INTO nodes (id, domain_id, ipv6_addr, port, last_heartbeat,
@@ -283,6 +371,47 @@ class RegistryState:
                  public_key = coalesce(excluded.public_key, nodes.public_key)""",
             [node_id, domain_id, ipv6, port, at, at, deadline, key])
         return self._node_or_none(node_id)
+
+    def _bind_identity(self, node_id: str, key: str | None, at: str) -> str | None:
+        """The key the name is bound to after this registration (binding it on
+        the first keyed one); a registration without that key is refused."""
+        bound = self._scalar("SELECT public_key FROM identities WHERE node_id = ?", [node_id])
+        if bound is None:
+            if key is not None:
+                self._conn.execute("INSERT INTO identities (node_id, public_key, bound_at) "
+                                   "VALUES (?, ?, ?)", [node_id, key, at])
+            return key
+        if key != bound:
+            how = ("its registration must be signed by that key" if key is None
+                   else "this is another key")
+            raise Conflict("name_taken", f"node name {node_id!r} is bound to a key; {how} "
+                           "(an administrator can release the name)", {"node_id": node_id})
+        return bound
+
+    def _release_identity(self, cmd: ReleaseIdentity) -> dict:
+        node_id = _text(cmd.node_id, "node_id")
+        if not self._conn.execute("DELETE FROM identities WHERE node_id = ?", [node_id]).rowcount:
+            raise NotFound(f"node name {node_id!r} is not bound to a key", {"node_id": node_id})
+        self._conn.execute("UPDATE nodes SET public_key = NULL WHERE id = ?", [node_id])
+        return {"node_id": node_id, "released": True}
+
+    def _set_reputation(self, cmd: SetReputation) -> dict:
+        if not isinstance(cmd.entries, (tuple, list)):
+            raise Invalid("entries must be a sequence", {"field": "entries"})
+        rows = []
+        for entry in cmd.entries:
+            score = _number(entry.reputation, "reputation")
+            if not 0.0 <= score <= 1.0:
+                raise Invalid(f"reputation must be within [0, 1], got {score}",
+                              {"field": "reputation"})
+            rows.append([score, _text(entry.node_id, "node_id")])
+        cur = self._conn.executemany("UPDATE nodes SET reputation = ? WHERE id = ?", rows)
+        return {"updated": max(cur.rowcount, 0)}
+
+    def public_key_of(self, node_id: str) -> str | None:
+        """The key a name is bound to (it outlives the node's lease)."""
+        with self._lock:
+            return self._scalar("SELECT public_key FROM identities WHERE node_id = ?", [node_id])
 
     def _ensure_domain(self, name: str, at: str) -> str:
         domain_id = domain_id_for(name)
@@ -409,6 +538,15 @@ class RegistryState:
             digest.update(f"table {table}\n".encode())
             for row in self._conn.execute(f"SELECT {columns} FROM {table} ORDER BY {order}"):
                 digest.update(orjson.dumps(row) + b"\n")
+        # Sessions decide what a retried write does, so they are replicated
+        # state too; hashed only when present so hashes of registries
+        # without sessions stay what they were.
+        sessions = self._conn.execute(f"SELECT {_SESSION_COLUMNS} FROM sessions "
+                                      "ORDER BY request_id").fetchall()
+        if sessions:
+            digest.update(b"table sessions\n")
+            for row in sessions:
+                digest.update(orjson.dumps(row) + b"\n")
         return digest.hexdigest()
 
     # ------------------------------------------------------------ snapshots
@@ -430,8 +568,12 @@ class RegistryState:
                               "rows": self._conn.execute(
                                   f"SELECT {columns} FROM {table} ORDER BY {order}").fetchall()}
                       for table, columns, order in _HASHED_TABLES}
+            sessions = self._conn.execute(f"SELECT {_SESSION_COLUMNS} FROM sessions "
+                                          "ORDER BY request_id").fetchall()
         finally:
             self._conn.execute("COMMIT")
+        if sessions:  # absent when empty: such snapshots stay byte-identical to older ones
+            tables["sessions"] = {"columns": _SESSION_COLUMNS.split(", "), "rows": sessions}
         payload = {"app": APP, "schema_version": SCHEMA_VERSION,
                    "applied_index": self._applied, "tables": tables}
         return zlib.compress(orjson.dumps(payload), 6)
@@ -474,6 +616,7 @@ class RegistryState:
                 raise ValueError(f"registry snapshot: malformed rows in table {table!r}")
             marks = ", ".join("?" * len(names))
             plan.append((f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows))
+        session_rows = _snapshot_sessions(tables)
         try:
             with self._transaction():
                 # Children first; the foreign keys stay enforced throughout.
@@ -481,6 +624,9 @@ class RegistryState:
                     self._conn.execute(f"DELETE FROM {table}")
                 for sql, rows in plan:
                     self._conn.executemany(sql, rows)
+                self._conn.execute("DELETE FROM sessions")
+                self._conn.executemany(f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?)",
+                                       session_rows)
                 self._conn.execute("UPDATE meta SET value = ? WHERE key = 'applied_index'", [index])
         except sqlite3.IntegrityError as exc:
             raise ValueError(f"registry snapshot violates the schema: {exc}") from None
@@ -579,7 +725,12 @@ def _prepare(db: sqlite_utils.Database, path: str) -> int:
     # WAL only after verifying: it rewrites the header of whatever file this is.
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute("PRAGMA synchronous = FULL")
-    return _create_schema(conn) if applied is None else applied
+    applied = _create_schema(conn) if applied is None else applied
+    with _Transaction(conn):  # additive: registries created before these tables get them
+        for statement in (_SESSIONS_SCHEMA + _IDENTITIES_SCHEMA).split(";"):
+            if statement.strip():
+                conn.execute(statement)
+    return applied
 
 
 def _create_schema(conn: sqlite3.Connection) -> int:
@@ -722,6 +873,28 @@ def _page_size(limit: Any) -> int:
     if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
         raise _invalid("limit", f"an integer from 1 to {MAX_PAGE}", limit)
     return limit
+
+
+_SESSION_COLUMNS = "request_id, idx, result"
+
+
+def _session_result(stored: str) -> Any:
+    value = orjson.loads(stored)
+    if "refused" in value:
+        return error_from_body(value["refused"])
+    return value["ok"]
+
+
+def _snapshot_sessions(tables: Any) -> list:
+    part = tables.get("sessions") if isinstance(tables, dict) else None
+    if part is None:
+        return []  # a snapshot without sessions (none recorded, or an older version)
+    rows = part.get("rows") if isinstance(part, dict) else None
+    if (part.get("columns") != _SESSION_COLUMNS.split(", ") or not isinstance(rows, list)
+            or any(not isinstance(r, list) or len(r) != 3 or not isinstance(r[0], str)
+                   for r in rows)):
+        raise ValueError("registry snapshot: malformed table 'sessions'")
+    return rows
 
 
 def _check_indices(items: list[tuple[int, Any]]) -> None:

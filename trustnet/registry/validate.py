@@ -13,10 +13,12 @@ import orjson
 from trustnet.addressing import parse_ipv6
 
 from . import messages as m
+from .node_protocol import SignedHeartbeat
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 NAME_RULE = "1-64 characters: letters, digits, '.', '_' or '-', starting with a letter or digit"
 MAX_PAGE = 1000
+LIMIT = re.compile(r"[0-9]{1,4}")
 
 
 class BadRequest(Exception):
@@ -56,7 +58,7 @@ def _fields(data: dict[str, Any], required: tuple[str, ...], optional: tuple[str
 def name(value: Any, field: str) -> str:
     if not isinstance(value, str):
         raise BadRequest("invalid_type", f"{field} must be a string, got {_kind(value)}")
-    if not NAME.match(value):
+    if not NAME.fullmatch(value):  # match() would let "$" accept a trailing newline
         raise BadRequest("invalid_value", f"{field} {value!r} is not valid: {NAME_RULE}")
     return value
 
@@ -88,9 +90,16 @@ def register(data: dict[str, Any], node_id: str | None = None) -> m.Register:
     )
 
 
-def heartbeat(data: dict[str, Any], node_id: str) -> m.Heartbeat:
-    _fields(data, (), ())
-    return m.Heartbeat(node_id=name(node_id, "node id"))
+def heartbeat(data: dict[str, Any], node_id: str) -> m.Heartbeat | SignedHeartbeat:
+    """An empty body for open nodes; {"statement": ...} for nodes bound to a key."""
+    _fields(data, (), ("statement",))
+    node_id = name(node_id, "node id")
+    if "statement" not in data:
+        return m.Heartbeat(node_id=node_id)
+    statement = data["statement"]
+    if not isinstance(statement, str):
+        raise BadRequest("invalid_type", "statement must be the JSON text of a signed statement")
+    return SignedHeartbeat(statement=statement)
 
 
 def create_domain(data: dict[str, Any]) -> m.CreateDomainReq:
@@ -117,7 +126,9 @@ def query(args: dict[str, str], allowed: tuple[str, ...]) -> None:
 def list_nodes(args: dict[str, str]) -> m.ListNodes:
     query(args, ("domain", "limit", "after"))
     limit_text = args.get("limit", "100")
-    if not limit_text.isdigit() or not 1 <= int(limit_text) <= MAX_PAGE:
+    # ASCII digits only: str.isdigit() also takes "²" (int() then raises) and
+    # int() of thousands of digits raises too; both were 500s.
+    if not LIMIT.fullmatch(limit_text) or not 1 <= int(limit_text) <= MAX_PAGE:
         raise BadRequest("invalid_value", f"limit must be an integer 1..{MAX_PAGE}, got {limit_text!r}")
     domain = args.get("domain")
     after = args.get("after")
