@@ -93,11 +93,12 @@ class RemoteReply:
 class Letter:
     """A message in a mailbox and, for an ask, where its answer goes."""
 
-    __slots__ = ("msg", "reply")
+    __slots__ = ("msg", "reply", "dropped")
 
     def __init__(self, msg: Any, reply: Reply | RemoteReply | None = None):
         self.msg = msg
         self.reply = reply
+        self.dropped: BaseException | None = None  # why it left the mailbox unread
 
     def answer(self, value: Any) -> None:
         if self.reply is not None:
@@ -126,6 +127,11 @@ class Mailbox:
             await self._send.send(letter)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             raise ActorStopped(f"actor {self.name!r} stopped") from None
+        # A sender blocked on a full mailbox is let in by fail_pending (trio
+        # moves a waiting sender's letter into the buffer as a slot frees up),
+        # only to have its letter dropped: tell it, or it thinks it delivered.
+        if letter.dropped is not None:
+            raise letter.dropped
 
     def put_nowait(self, letter: Letter) -> None:
         if self.closed:
@@ -152,7 +158,8 @@ class Mailbox:
                 letter = self._recv.receive_nowait()
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 return n
-            letter.fail(error_for())
+            letter.dropped = error_for()
+            letter.fail(letter.dropped)
             n += 1
 
     def close(self) -> None:
@@ -192,7 +199,12 @@ class Ref:
         return hash((self.address, self.name))
 
     async def tell(self, msg: Any) -> None:
-        """Send without a reply, waiting while the mailbox (or link) is full."""
+        """Send without a reply, waiting while the mailbox (or link) is full.
+
+        Raises ActorNotFound/ActorStopped when nobody will read it, and
+        ActorStopped/ActorCrashed when the letter was dropped while this call
+        still waited (the mailbox closed, or the actor crashed).
+        """
         if self.is_local:
             await self.system.mailbox_of(self.name).put(Letter(msg))
         else:
@@ -232,6 +244,11 @@ class Actor:
     system: ActorSystem
     ref: Ref
     nursery: trio.Nursery
+    # Class defaults, so stop() works even before run() and subclasses need
+    # not call super().__init__().
+    _stopping = False
+    _busy = False
+    _loop_scope: trio.CancelScope | None = None
 
     async def on_start(self) -> None:
         """Runs before the first letter is taken; helper tasks start here."""
@@ -241,7 +258,8 @@ class Actor:
                       f"{type(self).__name__} does not handle {type(msg).__name__}")
 
     async def handle(self, letter: Letter) -> None:
-        """Deal with one letter. Override to answer later (see Letter.reply)."""
+        """Deal with one letter. Override to answer later (see Letter.reply):
+        asks kept unanswered fail when this instance ends (crash or stop)."""
         try:
             result = await self.receive(letter.msg)
         except Refused as refusal:
@@ -252,44 +270,84 @@ class Actor:
             letter.answer(result)
 
     async def on_stop(self) -> None:
-        """Runs on an orderly stop (not after a crash), bounded in time."""
+        """Runs on an orderly stop (not after a crash, nor when on_start did
+        not complete), bounded in time."""
 
     def stop(self) -> None:
-        """End this actor normally after the current letter."""
-        self._loop_scope.cancel()
+        """End this actor normally once the current letter is handled.
+
+        A flag, not a cancel, while a letter is in hand: cancelling would cut
+        the handler short at its next await and fail its ask as a crash.
+        """
+        self._stopping = True
+        if not self._busy and self._loop_scope is not None:
+            self._loop_scope.cancel()  # idle in mailbox.get() (or in on_start)
 
     async def run(self, system: ActorSystem, mailbox: Mailbox,
                   *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         self.system = system
         self.ref = Ref(system, mailbox.name)
         self._loop_scope = trio.CancelScope()
-        orderly = False
+        self._open: list[Letter] = []  # asks taken and not answered yet
+        self._open_limit = 64
+        name = mailbox.name
+        started = False
         try:
             with collapsed():
                 async with trio.open_nursery() as nursery:
                     self.nursery = nursery
                     await self.on_start()
+                    started = True
                     task_status.started()
                     with self._loop_scope:
                         await self._take_letters(mailbox)
                     nursery.cancel_scope.cancel()  # helpers end with the actor
-            orderly = True
         except trio.Cancelled:
-            orderly = True
+            # Stopped from outside (a supervisor, a nursery): orderly. on_stop
+            # pairs with a completed on_start only, as OTP's terminate/init.
+            self._fail_open(lambda: ActorStopped(f"actor {name!r} stopped before it answered"))
+            if started:
+                await self._run_stop_hook(name)
             raise
-        finally:
-            if orderly:
-                await self._run_stop_hook(mailbox.name)
+        except BaseException as exc:
+            # A crash. The asks it took and those queued before it fail at
+            # once, in the same step, so a caller that saw ActorCrashed and
+            # sends again reaches the restarted instance.
+            def crashed() -> ActorCrashed:
+                # The type only: the message may be internal and this text
+                # can travel to other processes; the supervisor logs it all.
+                return ActorCrashed(f"actor {name!r} crashed ({type(exc).__name__})")
+            self._fail_open(crashed)
+            mailbox.fail_pending(crashed)
+            raise
+        self._fail_open(lambda: ActorStopped(f"actor {name!r} stopped before it answered"))
+        await self._run_stop_hook(name)
 
     async def _take_letters(self, mailbox: Mailbox) -> None:
-        while True:
-            letter = await mailbox.get()
+        while not self._stopping:
+            self._busy = False
             try:
+                letter = await mailbox.get()
+            except trio.ClosedResourceError:
+                return  # the mailbox was closed under us: nobody can reach us
+            self._busy = True
+            if letter.reply is None:
                 await self.handle(letter)
-            except BaseException:
-                letter.fail(ActorCrashed(
-                    f"actor {mailbox.name!r} crashed handling {type(letter.msg).__name__}"))
-                raise
+                continue
+            self._open.append(letter)
+            await self.handle(letter)
+            if letter.reply.done:
+                self._open.pop()
+            elif len(self._open) > self._open_limit:
+                # handle() kept it to answer later; prune the answered ones now
+                # and then (amortised: the limit grows with what stays open).
+                self._open = [kept for kept in self._open if not kept.reply.done]  # type: ignore[union-attr]
+                self._open_limit = max(64, 2 * len(self._open))
+
+    def _fail_open(self, error_for: Callable[[], BaseException]) -> None:
+        for letter in self._open:
+            letter.fail(error_for())  # a no-op for those answered meanwhile
+        self._open = []
 
     async def _run_stop_hook(self, name: str) -> None:
         with trio.move_on_after(STOP_HOOK_TIMEOUT) as scope:
@@ -336,15 +394,17 @@ class ActorSystem:
 
     async def spawn(self, nursery: trio.Nursery, actor: Actor, name: str,
                     mailbox_size: int = DEFAULT_MAILBOX) -> Ref:
-        """Start an unsupervised actor in `nursery` (tests, leaf helpers)."""
+        """Start an unsupervised actor in `nursery` (tests, leaf helpers).
+
+        A crash fails its asks and then reaches `nursery`; nothing restarts it.
+        """
+        if name in self._mailboxes:
+            raise ValueError(f"an actor named {name!r} is already running at {self.address}")
         box = self.open_mailbox(name, mailbox_size)
 
         async def run(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
             try:
                 await actor.run(self, box, task_status=task_status)
-            except BaseException:
-                box.fail_pending(lambda: ActorCrashed(f"actor {name!r} crashed"))
-                raise
             finally:
                 self.close_mailbox(name)
 
@@ -354,13 +414,14 @@ class ActorSystem:
 
     async def _ask_local(self, name: str, msg: Any, timeout: float) -> Any:
         reply = Reply()
-        try:
-            with trio.fail_after(timeout):
-                await self.mailbox_of(name).put(Letter(msg, reply))
-                return await reply.wait()
-        except trio.TooSlowError:
-            raise AskTimeout(
-                f"ask {type(msg).__name__} to {name!r} got no reply within {timeout}s") from None
+        box = self.mailbox_of(name)
+        # move_on_after, not fail_after: a TooSlowError the answer carries must
+        # not pass for our own timeout.
+        with trio.move_on_after(timeout):
+            await box.put(Letter(msg, reply))
+            return await reply.wait()
+        raise AskTimeout(f"ask {type(msg).__name__} to {name!r} at {self.address} "
+                         f"got no reply within {timeout}s")
 
     # -- remote
     async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -386,12 +447,11 @@ class ActorSystem:
         reply = Reply()
         self._pending[cid] = (address, reply)
         try:
-            with trio.fail_after(timeout):
+            with trio.move_on_after(timeout):
                 await self._send_remote(address, Envelope(self.address + "/", name, "ask", msg, cid))
                 return await reply.wait()
-        except trio.TooSlowError:
             raise AskTimeout(f"ask {type(msg).__name__} to {address}/{name} "
-                             f"got no reply within {timeout}s") from None
+                             f"got no reply within {timeout}s")
         finally:
             self._pending.pop(cid, None)
 
@@ -418,7 +478,7 @@ class ActorSystem:
         letter = Letter(env.body, reply)
         try:
             await self.mailbox_of(env.to).put(letter)
-        except (ActorNotFound, ActorStopped) as exc:
+        except (ActorNotFound, ActorStopped, ActorCrashed) as exc:
             if reply is None:
                 log.warning("tell dropped", extra={"to": env.to, "error": str(exc)})
             letter.fail(exc)

@@ -10,11 +10,20 @@ ProtocolError) because a link must never crash its receiver.
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, TypeVar, get_args, get_origin
 
 import attrs
 import cattrs
 import orjson
+from cattrs.cols import (
+    homogenous_tuple_structure_factory,
+    is_any_set,
+    is_mapping,
+    is_sequence,
+    list_structure_factory,
+    mapping_structure_factory,
+)
+from cattrs.v import format_exception as _cattrs_format
 
 from .errors import ProtocolError, Refused, RemoteError
 
@@ -54,16 +63,94 @@ def tag_of(cls: type) -> str:
     return _cls_to_tag[cls]
 
 
+class WireTypeError(TypeError):
+    """A JSON value of the wrong type for a field (its message is shown as is)."""
+
+
+_JSON_TYPES = {bool: "boolean", int: "integer", float: "number", str: "string",
+               list: "list", dict: "object", type(None): "null"}
+
+
+def _json_type(value: Any) -> str:
+    return _JSON_TYPES.get(type(value), type(value).__name__)
+
+
+def _require(value: Any, expected: type, name: str) -> None:
+    if not isinstance(value, expected):
+        raise WireTypeError(f"expected {name}, got {_json_type(value)}")
+
+
 def _strict(expected: tuple[type, ...], name: str):
     def hook(value: Any, _type: Any) -> Any:
         # bool is an int in Python; on the wire it is not.
         if isinstance(value, bool) and bool not in expected:
-            raise TypeError(f"expected {name}, got bool")
+            raise WireTypeError(f"expected {name}, got boolean")
         if not isinstance(value, expected):
-            raise TypeError(f"expected {name}, got {type(value).__name__}")
+            raise WireTypeError(f"expected {name}, got {_json_type(value)}")
         return float(value) if name == "number" else value
 
     return hook
+
+
+def _is_tuple(t: Any) -> bool:
+    return (get_origin(t) or t) is tuple
+
+
+def _is_collection(t: Any) -> bool:
+    return is_sequence(t) or is_any_set(t) or _is_tuple(t)
+
+
+def _collection_factory(conv: cattrs.Converter):
+    """Collections come from JSON lists only.
+
+    cattrs iterates whatever it is given, so by default "ab" would become
+    ["a", "b"] and {"a": 1} would become ["a"]; we check for a list first.
+    """
+
+    def factory(t: Any) -> Callable[[Any, Any], Any]:
+        args = get_args(t)
+        if _is_tuple(t) and args and args[-1] is not Ellipsis:  # tuple[int, str]
+            hooks = [conv.get_structure_hook(a) for a in args]
+
+            def fixed(value: Any, _type: Any) -> tuple:
+                _require(value, list, "list")
+                if len(value) != len(args):
+                    raise WireTypeError(f"expected {len(args)} items, got {len(value)}")
+                return tuple(h(v, a) for h, v, a in zip(hooks, value, args))
+
+            return fixed
+        if _is_tuple(t):
+            inner = homogenous_tuple_structure_factory(t, conv)
+        elif is_any_set(t):
+            elem = args[0] if args else Any
+            as_list = list_structure_factory(list[elem], conv)  # type: ignore[valid-type]
+            build = frozenset if (get_origin(t) or t) is frozenset else set
+
+            def inner(value: Any, _type: Any) -> Any:
+                return build(as_list(value, list))
+        else:
+            inner = list_structure_factory(t, conv)
+
+        def hook(value: Any, type_: Any) -> Any:
+            _require(value, list, "list")
+            return inner(value, type_)
+
+        return hook
+
+    return factory
+
+
+def _mapping_factory(conv: cattrs.Converter):
+    def factory(t: Any) -> Callable[[Any, Any], Any]:
+        inner = mapping_structure_factory(t, conv)
+
+        def hook(value: Any, type_: Any) -> Any:
+            _require(value, dict, "object")  # not a list of pairs
+            return inner(value, type_)
+
+        return hook
+
+    return factory
 
 
 def make_converter() -> cattrs.Converter:
@@ -73,6 +160,8 @@ def make_converter() -> cattrs.Converter:
     conv.register_structure_hook(int, _strict((int,), "integer"))
     conv.register_structure_hook(float, _strict((int, float), "number"))
     conv.register_structure_hook(bool, _strict((bool,), "boolean"))
+    conv.register_structure_hook_factory(_is_collection, _collection_factory(conv))
+    conv.register_structure_hook_factory(is_mapping, _mapping_factory(conv))
     return conv
 
 
@@ -112,9 +201,16 @@ def from_wire(data: Any) -> Any:
 
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, cattrs.BaseValidationError):
-        parts = cattrs.transform_error(exc)
-        return "; ".join(parts)
+        return "; ".join(cattrs.transform_error(exc, format_exception=_format))
     return str(exc) or type(exc).__name__
+
+
+def _format(exc: BaseException, type_: Any) -> str:
+    # Our own type errors say what came instead ("expected integer, got
+    # boolean"); cattrs' generic text only says what was expected.
+    if isinstance(exc, WireTypeError):
+        return str(exc)
+    return _cattrs_format(exc, type_)
 
 
 # ---------------------------------------------------------------- envelopes

@@ -22,7 +22,7 @@ import attrs
 import trio
 
 from .actor import DEFAULT_MAILBOX, Actor, ActorSystem, Ref
-from .errors import ActorCrashed, SupervisorGaveUp
+from .errors import SupervisorGaveUp
 from .groups import collapsed, sole_exception
 
 log = logging.getLogger("actors.supervisor")
@@ -139,43 +139,49 @@ class Supervisor:
 
     # -- internals
     async def _start(self, slot: _Slot) -> None:
+        """Start a child and wait until it is ready; raise what failed its start.
+
+        The child task is spawned straight into the supervisor's nursery, not
+        through nursery.start: a cancelled nursery.start keeps its task in the
+        caller until the task ends, and a shielded child never ends by itself,
+        so cancelling the supervisor while it (re)started a child hung.
+        """
         slot.generation += 1
+        slot.child = slot.spec.start()  # first: if it raises, the slot is not running
         slot.done = trio.Event()
-        slot.child = slot.spec.start()
-        with collapsed():
-            await self._nursery.start(self._child_task, slot, slot.generation)  # type: ignore[union-attr]
-
-    async def _child_task(self, slot: _Slot, generation: int,
-                          task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        started = False
-
-        def on_started(value: None = None) -> None:
-            nonlocal started
-            started = True
-            task_status.started()
-
-        status = _StartedHook(on_started)
-        error: BaseException | None = None
         # Shielded: only this supervisor stops a child, through slot.scope.
-        with trio.CancelScope(shield=True) as scope:
-            slot.scope = scope
+        # Made here, before the task runs, so a _stop() can never miss it.
+        slot.scope = trio.CancelScope(shield=True)
+        ready = _Ready()
+        self._nursery.start_soon(  # type: ignore[union-attr]
+            self._child_task, slot, slot.generation, slot.scope, slot.done, ready)
+        try:
+            await ready.event.wait()
+        except BaseException:
+            # Cancelled while the child starts: it is ours to stop.
+            with trio.CancelScope(shield=True):
+                await self._stop(slot)
+            raise
+        if ready.error is not None:
+            raise ready.error
+
+    async def _child_task(self, slot: _Slot, generation: int, scope: trio.CancelScope,
+                          done: trio.Event, ready: "_Ready") -> None:
+        error: BaseException | None = None
+        with scope:
             try:
-                await self._run_child(slot, status)
+                await self._run_child(slot, ready)
             except Exception as exc:
-                if not started:
-                    slot.done.set()
-                    raise  # a failed start fails the starter (nursery.start)
-                error = exc
-                # Asks queued before the crash fail now; letters sent after it
-                # wait for the restarted instance.
-                self._fail_mailbox(slot)
-        slot.done.set()
-        if not started:
-            # The child returned (or was stopped) before saying it was ready.
-            task_status.started()
+                if not ready.event.is_set():
+                    done.set()
+                    ready.fail(exc)  # a failed start fails the starter
+                    return
+                error = exc  # (the actor already failed the asks it had queued)
+        done.set()
+        ready.started()  # a no-op unless it ended (or was stopped) before ready
         self._exits_send.send_nowait((slot, generation, error))
 
-    async def _run_child(self, slot: _Slot, status: "_StartedHook") -> None:
+    async def _run_child(self, slot: _Slot, status: "_Ready") -> None:
         with collapsed():
             child = slot.child
             if isinstance(child, Actor):
@@ -218,11 +224,16 @@ class Supervisor:
                 f"{self.period}s (last: child {name!r}: {_describe(error)})") from error
 
     async def _restart_all(self, crashed: _Slot) -> None:
+        # Stop every child still running, not just "all but the crashed one":
+        # on a retry after a failed restart the crashed child may be running
+        # again, and starting it twice would put two actors on one mailbox.
         for slot in reversed(self._slots):
-            if slot is not crashed:
-                await self._stop(slot)
+            await self._stop(slot)
         for slot in list(self._slots):
-            await self._start(slot)
+            if slot is not crashed and slot.spec.restart is Restart.TEMPORARY:
+                self._forget(slot)  # OTP: never restarted, also not as a sibling
+            else:
+                await self._start(slot)
 
     async def _stop(self, slot: _Slot) -> None:
         if not slot.running:
@@ -244,22 +255,21 @@ class Supervisor:
         if isinstance(slot.child, Actor):
             self.system.close_mailbox(slot.spec.name)
 
-    def _fail_mailbox(self, slot: _Slot) -> None:
-        if isinstance(slot.child, Actor):
-            name = slot.spec.name
-            box = self.system._mailboxes.get(name)
-            if box is not None:
-                box.fail_pending(lambda: ActorCrashed(f"actor {name!r} crashed"))
 
+class _Ready:
+    """The task_status a child gets: tells its starter it is ready, or why not."""
 
-class _StartedHook:
-    """A TaskStatus that tells the supervisor whether the child got ready."""
-
-    def __init__(self, on_started: Callable[[None], None]):
-        self._on_started = on_started
+    def __init__(self) -> None:
+        self.event = trio.Event()
+        self.error: BaseException | None = None
 
     def started(self, value: None = None) -> None:
-        self._on_started(value)
+        self.event.set()
+
+    def fail(self, error: BaseException) -> None:
+        if not self.event.is_set():
+            self.error = error
+            self.event.set()
 
 
 def _describe(error: BaseException | None) -> str:
