@@ -13,6 +13,13 @@ from actors import ActorSystem, Ref
 from actors.ws import format_address, normalize_address
 from trustnet.identity import NodeIdentity
 
+# The registry refuses with its own Refused subclasses (NotFound, Conflict,
+# Invalid, BadStatement). Importing them registers them with the codec, so a
+# node gets them back as Refused with their codes ("not_found": register
+# again, "name_taken": fatal), not as an opaque RemoteError.
+import trustnet.registry.commands  # noqa: F401
+import trustnet.registry.nodes  # noqa: F401
+
 log = logging.getLogger("trustnet.node")
 
 REGISTRY_ACTOR = "registry"

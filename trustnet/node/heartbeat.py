@@ -7,7 +7,8 @@
   not heartbeat together).
 - A missed heartbeat is logged at info and retried after a third of the
   interval; the third miss in a row and every one after it at error.
-- "not_found" (the lease expired) -> register again.
+- "not_found" (the lease expired) -> register again, then have the mesh
+  report its open links again (the registry dropped them with the lease).
 - No answer for `unreachable_timeout` -> fatal: the node exits 1.
 - "name_taken" / "bad_statement" at registration -> fatal (another key holds
   the name; an administrator must release it).
@@ -26,7 +27,8 @@ from actors import Actor, ActorError, Refused
 from trustnet.registry.node_protocol import SignedHeartbeat, SignedRegister
 
 from .context import NodeContext, NodeFatal
-from .messages import HeartbeatStatus
+from .mesh import MESH_ACTOR
+from .messages import HeartbeatStatus, ReportLinks
 
 log = logging.getLogger("trustnet.node.heartbeat")
 
@@ -128,6 +130,7 @@ class HeartbeatActor(Actor):
                     await self._heartbeat()
                 else:
                     await self._register()
+                    self._report_links_again()
                 if self.misses:
                     log.info("heartbeat recovered", extra={"misses": self.misses})
                 self.misses = 0
@@ -146,6 +149,14 @@ class HeartbeatActor(Actor):
             if self.node.fatal_reason is not None:
                 await trio.sleep_forever()  # the service is shutting the node down
             await trio.sleep(delay)
+
+    def _report_links_again(self) -> None:
+        # The lapsed lease took this node's rows of the registry's peers
+        # table with it; the links themselves may well have survived.
+        try:
+            self.node.system.ref(MESH_ACTOR).tell_nowait(ReportLinks())
+        except ActorError as exc:
+            log.debug("mesh not told to report its links", extra={"error": str(exc)})
 
     def _missed(self, error: str) -> float:
         self.misses += 1

@@ -51,6 +51,7 @@ from .messages import (
     LinkHello,
     LinkLost,
     LinkProof,
+    ReportLinks,
     Send,
 )
 from .peerlink import PeerLinkActor, link_name
@@ -154,6 +155,10 @@ class MeshActor(Actor):
                 if peer in self.links:
                     log.info("peer closed the link", extra={"peer": peer, "reason": reason})
                     await self._close(peer, f"peer: {reason}", notify=False)
+                return None
+            case ReportLinks():
+                for peer in sorted(self.links):
+                    self._report(peer, "open")
                 return None
             case Broadcast(payload):
                 return self._broadcast(payload)

@@ -109,3 +109,10 @@ class LinkLost:
 @message("node.local.heartbeat_status")
 class HeartbeatStatus:
     pass
+
+
+@message("node.local.report_links")
+class ReportLinks:
+    """Heartbeat -> mesh after registering again: the registry dropped this
+    node's rows of the peers table with its lapsed lease; report every open
+    link again."""
