@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/registry.yaml
 PYTEST_ARGS ?=
 
-.PHONY: run test venv clean bench
+.PHONY: run run-cluster test venv clean bench
 
 venv: $(STAMP)
 
@@ -26,6 +26,17 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	mkdir -p data
 	$(VENV)/bin/trustnet registry --config $(CONFIG)
+
+# Three replicas of one registry on [::1]: HTTP 8000/8010/8020, Raft and node
+# links on 8001/8011/8021 (configs/cluster/r1.yaml r2.yaml r3.yaml); data
+# under data/cluster/. Ctrl-C stops all three (the leader hands over first).
+run-cluster: $(STAMP)
+	mkdir -p data/cluster/r1 data/cluster/r2 data/cluster/r3
+	trap 'kill -TERM $$p1 $$p2 $$p3 2>/dev/null; wait' INT TERM; \
+	$(VENV)/bin/trustnet registry --config configs/cluster/r1.yaml & p1=$$!; \
+	$(VENV)/bin/trustnet registry --config configs/cluster/r2.yaml & p2=$$!; \
+	$(VENV)/bin/trustnet registry --config configs/cluster/r3.yaml & p3=$$!; \
+	wait
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)

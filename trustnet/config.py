@@ -48,12 +48,17 @@ __all__ = [
     "LogLevel",
     "LoggingConfig",
     "NonEmptyStr",
+    "PeerConfig",
     "Port",
     "PositiveInt",
     "REGISTRY_ENV_VARS",
     "TtlMultiplier",
     "RegistryConfig",
+    "ReplicaId",
     "ReplicationConfig",
+    "WsAddress",
+    "check_replication",
+    "replica_addresses",
     "converter",
     "env_value",
     "load_config",
@@ -134,6 +139,10 @@ NonEmptyStr = NewType("NonEmptyStr", str)
 """A string that is not empty or only whitespace."""
 ApiKey = NewType("ApiKey", str)
 """A secret token: non-empty, no whitespace or control characters."""
+ReplicaId = NewType("ReplicaId", str)
+"""A replica id: 1..64 of letters, digits, '-', '_' and '.'."""
+WsAddress = NewType("WsAddress", str)
+"""A websocket address ``ws://[ipv6]:port`` or ``ws://host:port``."""
 
 LOG_LEVELS = ("debug", "info", "warn", "error", "fatal")
 _LOG_LEVEL_ALIASES = {"warning": "warn", "critical": "fatal"}
@@ -219,6 +228,41 @@ def _non_empty_str(value: object, _t: Any) -> str:
     return value
 
 
+_REPLICA_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_WS_ADDRESS = re.compile(r"ws://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})")
+
+
+def _replica_id(value: object, _t: Any) -> str:
+    if not isinstance(value, str) or not _REPLICA_ID.fullmatch(value):
+        raise FieldError("must be a replica id (1..64 letters, digits, '-', '_', '.'), "
+                         f"got {_show(value)}")
+    return value
+
+
+def _ws_address(value: object, _t: Any) -> str:
+    m = _WS_ADDRESS.fullmatch(value) if isinstance(value, str) else None
+    if m is None or not 1 <= int(m.group(2)) <= 65535:
+        raise FieldError(f"must be a websocket address such as 'ws://[::1]:8001', got {_show(value)}")
+    if m.group(1).startswith("["):
+        try:
+            ipaddress.IPv6Address(m.group(1)[1:-1])
+        except ValueError:
+            raise FieldError(f"has a bad IPv6 address: {_show(value)}") from None
+    return value
+
+
+def _peer(value: object, _t: Any) -> Any:
+    """A peer: {id, address}, or "id=ws://..." (the REGISTRY_PEERS form)."""
+    if isinstance(value, str):
+        ident, sep, address = value.partition("=")
+        if not sep:
+            raise FieldError(f"must be 'id=ws://[addr]:port', got {_show(value)}")
+        value = {"id": ident.strip(), "address": address.strip()}
+    if not isinstance(value, Mapping):
+        raise FieldError(f"must be a mapping {{id, address}} or 'id=ws://...', got {_show(value)}")
+    return _peer_inner(value, PeerConfig)
+
+
 def _api_key(value: object, _t: Any) -> str:
     if not isinstance(value, str) or not value:
         raise FieldError("must be a non-empty string (unset the variable to run without a key)")
@@ -289,6 +333,8 @@ def make_converter() -> cattrs.Converter:
     conv.register_structure_hook(LogFormat, _one_of(LOG_FORMATS))
     conv.register_structure_hook(NonEmptyStr, _non_empty_str)
     conv.register_structure_hook(ApiKey, _api_key)
+    conv.register_structure_hook(ReplicaId, _replica_id)
+    conv.register_structure_hook(WsAddress, _ws_address)
     conv.register_structure_hook_factory(_is_list, _list_hook_factory)
     conv.register_structure_hook_factory(_is_attrs, _attrs_hook_factory)
     return conv
@@ -545,10 +591,33 @@ class DatabaseConfig:
 
 
 @attrs.frozen
+class PeerConfig:
+    """One founding replica: its stable id and its websocket address
+    (``ws://[addr]:port``, the replica's listen.ws_port: Raft and node links)."""
+
+    id: ReplicaId
+    address: WsAddress
+
+
+@attrs.frozen
 class ReplicationConfig:
+    """Raft replication of the registry (issue 4).
+
+    ``peers`` lists the founding replicas; it may include this replica (same
+    list on every replica, the usual way) or leave it out, in which case this
+    replica's address is ``ws://[listen.host]:listen.ws_port``. ``id`` is this
+    replica's stable id (never reused). ``interval`` is accepted for
+    compatibility with older files and ignored.
+    """
+
     enabled: bool = False
-    peers: list[NonEmptyStr] = attrs.field(factory=list)
-    interval: Duration = Duration(60.0)
+    id: ReplicaId | None = None
+    peers: list[PeerConfig] = attrs.field(factory=list)
+    tick: Duration = Duration(0.010)
+    heartbeat_ticks: PositiveInt = PositiveInt(5)
+    election_ticks: PositiveInt = PositiveInt(15)
+    snapshot_threshold: PositiveInt = PositiveInt(10_000)
+    interval: Duration = Duration(60.0)  # deprecated, ignored
 
 
 @attrs.frozen
@@ -601,10 +670,55 @@ REGISTRY_ENV_VARS: Mapping[str, str] = types.MappingProxyType({
     "LOG_LEVEL": "logging.level",
     "LOG_FORMAT": "logging.format",
     "REGISTRY_HEARTBEAT_INTERVAL": "leases.heartbeat_interval",
+    "REGISTRY_REPLICATION": "replication.enabled",
+    "REGISTRY_REPLICA_ID": "replication.id",
+    "REGISTRY_PEERS": "replication.peers",
 })
 """Environment variable -> dotted field of :class:`RegistryConfig`, applied after the file."""
 
 
 def load_registry_config(path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> RegistryConfig:
     """Load the registry config from ``path`` (``None``: defaults) and ``env``."""
-    return load_config(RegistryConfig, path, env, REGISTRY_ENV_VARS)
+    config = load_config(RegistryConfig, path, env, REGISTRY_ENV_VARS)
+    check_replication(config, os.fspath(path) if path is not None else "<defaults>")
+    return config
+
+
+def check_replication(config: RegistryConfig, source: str) -> None:
+    """Cross-field checks of ``replication`` (only when enabled)."""
+    r = config.replication
+    if not r.enabled:
+        return
+    if r.id is None:
+        raise ConfigError(source, "replication.id",
+                          "is required when replication is enabled (or set REGISTRY_REPLICA_ID)")
+    seen: set[str] = set()
+    for i, peer in enumerate(r.peers):
+        if peer.id in seen:
+            raise ConfigError(source, f"replication.peers[{i}].id", f"duplicate replica id {peer.id!r}")
+        seen.add(peer.id)
+    if len(replica_addresses(config)) < 1:
+        raise ConfigError(source, "replication.peers", "needs at least this replica")
+    if r.heartbeat_ticks >= r.election_ticks:
+        raise ConfigError(source, "replication.heartbeat_ticks",
+                          "must be smaller than replication.election_ticks")
+    if config.listen.ws_port == 0:
+        raise ConfigError(source, "listen.ws_port",
+                          "must be a fixed port when replication is enabled (peers dial it)")
+
+
+def replica_addresses(config: RegistryConfig) -> dict[str, str]:
+    """Founding replica id -> websocket address, this replica included."""
+    r = config.replication
+    out = {p.id: p.address for p in r.peers}
+    if r.id is not None and r.id not in out:
+        host = config.listen.host
+        host = "::1" if host == "::" else "127.0.0.1" if host == "0.0.0.0" else host
+        out[r.id] = f"ws://[{host}]:{config.listen.ws_port}" if ":" in host \
+            else f"ws://{host}:{config.listen.ws_port}"
+    return out
+
+
+_peer_inner = make_dict_structure_fn(PeerConfig, converter, _cattrs_forbid_extra_keys=True,
+                                     _cattrs_detailed_validation=True)
+converter.register_structure_hook(PeerConfig, _peer)

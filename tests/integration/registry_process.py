@@ -48,6 +48,7 @@ TRUSTNET = str(Path(sys.executable).parent / "trustnet")
 ENV_VARS = (
     "REGISTRY_PORT", "REGISTRY_WS_PORT", "REGISTRY_LISTEN", "REGISTRY_DB_PATH", "REGISTRY_API_KEY",
     "LOG_LEVEL", "LOG_FORMAT", "REGISTRY_HEARTBEAT_INTERVAL",
+    "REGISTRY_REPLICATION", "REGISTRY_REPLICA_ID", "REGISTRY_PEERS",
 )
 """Variables the registry reads; removed from the inherited environment."""
 

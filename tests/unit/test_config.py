@@ -17,7 +17,7 @@ from trustnet.config import (
     parse_duration,
     redacted,
 )
-from trustnet.config import FieldError
+from trustnet.config import FieldError, PeerConfig
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "configs" / "registry.yaml"
@@ -83,7 +83,7 @@ def test_full_file_values(tmp_path):
     p = write(tmp_path, """
 listen: {host: "::1", port: 0}
 database: {path: /var/lib/trustnet/r.db}
-replication: {enabled: true, peers: ["tnr.bucoto.com", "[fd10:1234:ffff::2]:8000"], interval: 5m}
+replication: {enabled: true, id: r1, peers: [{id: r1, address: "ws://[fd10:1234:ffff::1]:8001"}, "r2=ws://tnr.bucoto.com:8001"], interval: 5m, tick: 20ms, election_ticks: 20}
 logging: {level: debug, format: text}
 leases: {heartbeat_interval: 150ms, ttl_multiplier: 4, checkpoint_interval: 2}
 http: {max_body_bytes: 1024, request_timeout: 1.5}
@@ -92,8 +92,10 @@ http: {max_body_bytes: 1024, request_timeout: 1.5}
     assert c.listen.host == "::1" and c.listen.port == 0
     assert c.database.path == "/var/lib/trustnet/r.db"
     assert c.replication.enabled is True
-    assert c.replication.peers == ["tnr.bucoto.com", "[fd10:1234:ffff::2]:8000"]
+    assert [(p.id, p.address) for p in c.replication.peers] == [
+        ("r1", "ws://[fd10:1234:ffff::1]:8001"), ("r2", "ws://tnr.bucoto.com:8001")]
     assert c.replication.interval == 300.0
+    assert c.replication.tick == pytest.approx(0.02) and c.replication.election_ticks == 20
     assert (c.logging.level, c.logging.format) == ("debug", "text")
     assert c.leases.heartbeat_interval == pytest.approx(0.15)
     assert c.leases.ttl == pytest.approx(0.6)
@@ -240,7 +242,8 @@ def test_section_must_be_a_mapping(tmp_path):
         ("replication: {enabled: 'yes'}", "replication.enabled", "must be true or false, got 'yes'"),
         ("replication: {enabled: 1}", "replication.enabled", "must be true or false, got 1"),
         ("replication: {peers: tnr.bucoto.com}", "replication.peers", "must be a list, got 'tnr.bucoto.com'"),
-        ("replication: {peers: [a, 1]}", "replication.peers[1]", "must be a non-empty string, got 1"),
+        ("replication: {peers: ['a=ws://[::1]:1', 1]}", "replication.peers[1]",
+         "must be a mapping {id, address} or 'id=ws://...', got 1"),
         ("replication: {interval: 0}", "replication.interval", "must be a duration > 0, got 0"),
         ("logging: {level: verbose}", "logging.level", "must be one of debug|info|warn|error|fatal, got 'verbose'"),
         ("logging: {format: xml}", "logging.format", "must be one of json|text, got 'xml'"),
@@ -381,6 +384,9 @@ def test_env_table_is_the_documented_one():
         "LOG_LEVEL": "logging.level",
         "LOG_FORMAT": "logging.format",
         "REGISTRY_HEARTBEAT_INTERVAL": "leases.heartbeat_interval",
+        "REGISTRY_REPLICATION": "replication.enabled",
+        "REGISTRY_REPLICA_ID": "replication.id",
+        "REGISTRY_PEERS": "replication.peers",
     }
 
 
@@ -394,6 +400,9 @@ def test_every_env_var_reaches_its_field():
         "LOG_LEVEL": ("error", "error"),
         "LOG_FORMAT": ("text", "text"),
         "REGISTRY_HEARTBEAT_INTERVAL": ("2m", 120.0),
+        "REGISTRY_REPLICATION": ("no", False),
+        "REGISTRY_REPLICA_ID": ("r9", "r9"),
+        "REGISTRY_PEERS": ("r1=ws://[::1]:1", [PeerConfig("r1", "ws://[::1]:1")]),
     }
     assert samples.keys() == REGISTRY_ENV_VARS.keys()
     for var, (text, expected) in samples.items():
@@ -448,3 +457,40 @@ def test_generic_loader_serves_another_config(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_config(_NodeConfig, str(bad), {}, env_vars)
     assert str(info.value) == f"{bad}: peers.max_connections: must be an integer >= 1, got 'many'"
+
+
+# ---------------------------------------------------------------- replication (issue 4)
+
+def test_replication_defaults():
+    r = load_registry_config(None, {}).replication
+    assert (r.enabled, r.id, r.peers) == (False, None, [])
+    assert (r.tick, r.heartbeat_ticks, r.election_ticks, r.snapshot_threshold) == (0.01, 5, 15, 10_000)
+
+
+def test_replication_env_and_own_address(tmp_path):
+    from trustnet.config import replica_addresses
+
+    p = write(tmp_path, 'listen: {host: "::1", ws_port: 8001}\nreplication: {enabled: true}\n')
+    c = load_registry_config(p, {"REGISTRY_REPLICA_ID": "r1",
+                                 "REGISTRY_PEERS": "r2=ws://[::1]:8011, r3=ws://[::1]:8021"})
+    assert replica_addresses(c) == {"r1": "ws://[::1]:8001", "r2": "ws://[::1]:8011",
+                                    "r3": "ws://[::1]:8021"}
+
+
+@pytest.mark.parametrize(("text", "env", "field"), [
+    ("replication: {enabled: true}", {}, "replication.id"),
+    ("replication: {enabled: true, id: 'a b'}", {}, "replication.id"),
+    ("replication: {enabled: true, id: r1, peers: [{id: r1, address: 'http://x:1'}]}", {},
+     "replication.peers[0].address"),
+    ("replication: {enabled: true, id: r1, peers: [{id: r1}]}", {}, "replication.peers[0].address"),
+    ("replication: {enabled: true, id: r1, peers: ['r1']}", {}, "replication.peers[0]"),
+    ("replication: {enabled: true, id: r1, peers: ['r2=ws://[::1]:1', 'r2=ws://[::1]:2']}", {},
+     "replication.peers[1].id"),
+    ("replication: {enabled: true, id: r1, heartbeat_ticks: 15}", {}, "replication.heartbeat_ticks"),
+    ("listen: {ws_port: 0}\nreplication: {enabled: true, id: r1}", {}, "listen.ws_port"),
+    ("replication: {enabled: false}", {"REGISTRY_PEERS": "r1=ws://nope"}, "replication.peers[0].address"),
+])
+def test_replication_errors(tmp_path, text, env, field):
+    with pytest.raises(ConfigError) as info:
+        load_registry_config(write(tmp_path, text + "\n"), env)
+    assert info.value.field == field, str(info.value)

@@ -248,6 +248,10 @@ async def exercise(registry: ActorSystem) -> list[tuple[str, str, int, Any, byte
     assert await rec("GET", "/health") == 200
     assert await rec("GET", "/version") == 200
     assert await rec("GET", "/openapi.json") == 200
+    # replication routes on a single replica
+    assert await rec("GET", "/cluster") == 404
+    assert await rec("POST", "/cluster/members", {"id": "r4", "address": "ws://[::1]:9"}) == 404
+    assert await rec("DELETE", "/cluster/members/r4") == 404
 
     # nodes
     assert await rec("POST", "/nodes", {"id": "a", "ipv6": "fd10:1234::1"}) == 201

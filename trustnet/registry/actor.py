@@ -5,11 +5,22 @@ that queue up together are applied as one batch, one transaction, one fsync;
 an ask is answered only after its batch committed. Heartbeats only touch the
 in-memory LeaseTable; deadlines reach the disk in periodic checkpoints and
 expirations are commands like any other.
+
+Replicated mode (`consensus` set, issue 4): writes become commands as above
+and are proposed to the local ConsensusActor (which forwards them to the
+leader) from tasks, so the mailbox keeps flowing; each is answered once
+committed and applied. Leases live on the leader only: a follower forwards
+heartbeats to the leader's RegistryActor (LeaderHeartbeat); only the leader
+sweeps and checkpoints, through the log, and its expiries carry its term. A
+new leader adopts the stored leases with a bounded grace: max(stored
+deadline, min(election + ttl, last heartbeat + 2 ttl)), so frequent
+elections cannot keep a dead node alive forever.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from datetime import UTC, datetime
@@ -17,7 +28,8 @@ from typing import Any, Callable
 
 import trio
 
-from actors import Actor, Letter, Refused
+from actors import Actor, ActorError, Letter, Ref, Refused
+from trustnet.consensus.actor import ClusterStatus, CommitUnknown, NoLeader, Propose
 
 from . import messages as m
 from . import node_protocol as np
@@ -51,8 +63,15 @@ CHECKPOINT_CHUNK = 2000
 class RegistryActor(Actor):
     def __init__(self, state: RegistryState, *, ttl: float, checkpoint_interval: float,
                  sweep_interval: float | None = None, heartbeat_interval: float | None = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, consensus: Ref | None = None,
+                 propose_timeout: float = 8.0, watch_interval: float = 0.05):
         self.state = state
+        self.consensus = consensus  # None: apply writes directly (one replica)
+        self.propose_timeout = propose_timeout
+        self.watch_interval = watch_interval
+        self.raft: dict = {}  # last ClusterStatus of the local consensus (replicated mode)
+        self.leader_term = 0  # the term this replica leads in; 0 when it does not
+        self.leader_since = 0.0
         self.ttl = ttl
         self.heartbeat_interval = heartbeat_interval or ttl / 3
         self.gate = StatementGate()
@@ -66,6 +85,13 @@ class RegistryActor(Actor):
     # ------------------------------------------------------------ lifecycle
 
     async def on_start(self) -> None:
+        if self.consensus is not None:
+            await self._refresh_raft()
+            self.nursery.start_soon(self._watch_leadership)
+            self.nursery.start_soon(self._sweep_loop)
+            self.nursery.start_soon(self._checkpoint_loop)
+            log.info("registry replica started", extra={"applied_index": self.state.applied_index})
+            return
         now = self.clock()
         # Nodes could not heartbeat while the registry was down: every lease
         # gets at least one full TTL from now before it can expire.
@@ -78,11 +104,17 @@ class RegistryActor(Actor):
                                                  "applied_index": self.state.applied_index})
 
     async def on_stop(self) -> None:
+        if self.consensus is not None:
+            with trio.move_on_after(1.0):
+                await self._checkpoint()
+            return
         await self._checkpoint()
 
     # ------------------------------------------------------------ letters
 
     async def handle(self, letter: Letter) -> None:
+        if self.consensus is not None and self._handle_replicated(letter):
+            return
         if not isinstance(letter.msg, WRITES):
             await super().handle(letter)
             return
@@ -153,6 +185,11 @@ class RegistryActor(Actor):
                 peer, state = body.get("peer"), body.get("state")
                 if not isinstance(peer, str) or state not in LINK_STATES:
                     raise BadStatement(f"a link report needs peer and state in {LINK_STATES}")
+                if peer == stmt["node_id"]:
+                    # Refused up front: it would otherwise count for the
+                    # reporter's own reputation.
+                    raise BadStatement("a node does not report a link to itself",
+                                       {"node_id": peer})
                 if state == "open":
                     return AddPeer(node_a=stmt["node_id"], node_b=peer, at=now)
                 return RemovePeer(node_a=stmt["node_id"], node_b=peer)
@@ -172,7 +209,8 @@ class RegistryActor(Actor):
         if isinstance(cmd, RegisterNode):
             created = cmd.node_id not in existed
             existed.add(cmd.node_id)
-            self.leases.grant(cmd.node_id, now, cmd.lease_deadline)
+            if self.consensus is None or self.leader_term:
+                self.leases.grant(cmd.node_id, now, cmd.lease_deadline)
             log.info("node registered" if created else "node updated",
                      extra={"node_id": cmd.node_id, "ipv6_addr": result["ipv6"]})
             return {"created": created, "node": self._fresh(result),
@@ -187,7 +225,8 @@ class RegistryActor(Actor):
     def _after_link_report(self, msg: np.LinkReport, cmd: Any, result: Any) -> dict:
         stmt = self.gate.parse(msg.statement)
         state, peer = stmt["body"]["state"], stmt["body"]["peer"]
-        self.reputation.link_report(peer, state)
+        if peer in self.leases:  # not names nobody holds: the book would only grow
+            self.reputation.link_report(peer, state)
         # Closing a link the registry never saw is fine; a refusal here is
         # only worth a note in the answer.
         return {"ok": True, "recorded": not isinstance(result, Refused)}
@@ -227,8 +266,13 @@ class RegistryActor(Actor):
             case m.ListPeers(node_id):
                 return self.state.list_peers(node_id)
             case m.Status():
-                return {"ready": True, "nodes": len(self.leases),
-                        "applied_index": self.state.applied_index}
+                status = {"ready": True, "nodes": len(self.leases),
+                          "applied_index": self.state.applied_index}
+                if self.consensus is not None:
+                    status.update(replica=self.raft.get("id"), role=self.raft.get("role"),
+                                  leader=self.raft.get("leader"), term=self.raft.get("term"),
+                                  nodes=self.state.node_count(), leases=len(self.leases))
+                return status
         return await super().receive(msg)
 
     # ------------------------------------------------------------ leases
@@ -239,6 +283,9 @@ class RegistryActor(Actor):
         if deadline is not None and deadline <= now:
             # The lease ran out before the sweep saw it: expire it now (as the
             # sweep would) rather than bring a lapsed lease back to life.
+            if self.consensus is not None:  # the sweep's committed expiry removes it
+                raise NotFound(f"node {node_id!r}'s lease has expired: register again",
+                               {"node_id": node_id})
             self.expire_due()
         last = self.leases.last_renewal(node_id)
         deadline = self.leases.renew(node_id, now)
@@ -255,7 +302,11 @@ class RegistryActor(Actor):
         if len(pool) <= limit:  # too few in the domain: look beyond it
             pool += [n for n in self.state.list_nodes(None, 1000)["nodes"]
                      if n["domain"] != me["domain"]]
-        return candidates(me, pool, self.leases, max(1, min(limit, 100)), self.rng)
+        now = self.clock()
+        # Live: a lease that has not run out (one past its deadline may not
+        # have been swept yet).
+        live = {n["id"] for n in pool if (self.leases.deadline(n["id"]) or 0.0) > now}
+        return candidates(me, pool, live, max(1, min(limit, 100)), self.rng)
 
     def _fresh(self, node: dict) -> dict:
         """A stored node row with its live lease (the disk copy lags by a checkpoint)."""
@@ -268,7 +319,10 @@ class RegistryActor(Actor):
     async def _sweep_loop(self) -> None:
         while True:
             await trio.sleep(self.sweep_interval)
-            self.expire_due()
+            if self.consensus is not None:
+                await self._expire_replicated()
+            else:
+                self.expire_due()
 
     def expire_due(self) -> list[str]:
         now = self.clock()
@@ -291,6 +345,9 @@ class RegistryActor(Actor):
     async def _checkpoint(self) -> None:
         """Write renewed deadlines in chunks, yielding between them so a big
         checkpoint never stalls the event loop for long."""
+        if self.consensus is not None:
+            await self._checkpoint_replicated()
+            return
         scores = self.reputation.take_dirty()
         if scores:
             entries = tuple(ReputationEntry(node_id=n, reputation=r) for n, r in scores)
@@ -303,6 +360,200 @@ class RegistryActor(Actor):
             self.state.apply_batch([(self.state.applied_index + 1,
                                      CheckpointLeases(entries=entries))])
             await trio.sleep(0)
+
+
+    # ------------------------------------------------------------ replicated mode
+
+    def _handle_replicated(self, letter: Letter) -> bool:
+        """Writes and heartbeats in replicated mode; False: handle as usual."""
+        msg = letter.msg
+        if isinstance(msg, WRITES):
+            now = self.clock()
+            try:
+                cmd = self._command(msg, now)
+            except Refused as refusal:
+                letter.fail(refusal)
+                return True
+            rid = getattr(msg, "request_id", "") or os.urandom(8).hex()
+            self.nursery.start_soon(self._propose_write, letter, cmd, rid, now)
+            return True
+        if isinstance(msg, (m.Heartbeat, np.SignedHeartbeat, m.LeaderHeartbeat)):
+            node_id = getattr(msg, "node_id", "")
+            statement = getattr(msg, "statement", "")
+            if self.leader_term:
+                try:
+                    letter.answer(self._leader_heartbeat(node_id, statement))
+                except Refused as refusal:
+                    letter.fail(refusal)
+            elif isinstance(msg, m.LeaderHeartbeat):  # forwarded once, never again
+                letter.fail(Refused("not_leader", "this replica does not lead",
+                                    {"leader": self.raft.get("leader")}))
+            else:
+                self.nursery.start_soon(self._forward_heartbeat, letter, node_id, statement)
+            return True
+        return False
+
+    async def _propose_write(self, letter: Letter, cmd: Any, rid: str, now: float) -> None:
+        existed: set[str] = set()
+        if isinstance(cmd, RegisterNode) and (
+                cmd.node_id in self.leases or self._stored(cmd.node_id) is not None):
+            existed.add(cmd.node_id)
+        try:
+            result = await self.consensus.ask(Propose(cmd, rid), timeout=self.propose_timeout)
+        except Refused as refusal:
+            if isinstance(letter.msg, np.LinkReport) and refusal.code not in CONSENSUS_CODES:
+                letter.answer(self._after_link_report(letter.msg, cmd, refusal))
+            else:
+                letter.fail(refusal)
+            return
+        except ActorError as exc:
+            letter.fail(CommitUnknown(f"write not confirmed: {exc}"))
+            return
+        if isinstance(letter.msg, np.LinkReport):
+            letter.answer(self._after_link_report(letter.msg, cmd, result))
+        else:
+            letter.answer(self._after_apply(cmd, result, now, existed))
+
+    def _stored(self, node_id: str) -> dict | None:
+        try:
+            return self.state.get_node(node_id)
+        except NotFound:
+            return None
+
+    async def _refresh_raft(self) -> None:
+        try:
+            st = await self.consensus.ask(ClusterStatus(hops=1), timeout=2.0)
+        except ActorError:
+            return
+        self.raft = st
+        leads = st.get("role") == "leader"
+        if leads and self.leader_term != st["term"]:
+            self._become_leader(st["term"])
+        elif not leads and self.leader_term:
+            log.info("registry lost leadership", extra={"term": self.leader_term})
+            self.leader_term = 0
+            self.leases = LeaseTable(self.ttl)
+
+    async def _watch_leadership(self) -> None:
+        while True:
+            await trio.sleep(self.watch_interval)
+            await self._refresh_raft()
+
+    def _become_leader(self, term: int) -> None:
+        self.leader_term, self.leader_since = term, self.clock()
+        self.leases = LeaseTable(self.ttl)
+        for node_id, (deadline, last) in self.state.lease_table().items():
+            self._adopt(node_id, deadline, last)
+        self.leases.take_dirty()  # nothing new to checkpoint: they came from the log
+        log.info("registry leads", extra={"term": term, "nodes": len(self.leases)})
+
+    def _adopt(self, node_id: str, deadline: float | None, last: float | None) -> None:
+        """Track a stored lease on the leader, with the bounded grace."""
+        grace = self.leader_since + self.ttl
+        if last is not None:
+            grace = min(grace, last + 2 * self.ttl)
+        self.leases.grant(node_id, last if last is not None else self.leader_since,
+                          max(deadline or 0.0, grace))
+
+    def _leader_heartbeat(self, node_id: str, statement: str) -> dict:
+        if statement:
+            stmt = self.gate.parse(statement)
+            self.gate.check(stmt, self._bound_key(stmt["node_id"]), "heartbeat", self.clock())
+            node_id = stmt["node_id"]
+        elif self.state.public_key_of(node_id) is not None:
+            raise Refused("signature_required",
+                          f"node {node_id!r} is bound to a key: its heartbeats must be "
+                          "signed statements", {"node_id": node_id})
+        if node_id not in self.leases:
+            # Registered through another replica since this one took over.
+            node = self._stored(node_id)
+            if node is not None:
+                self.leases.grant(node_id, self.clock(), node.get("lease_deadline"))
+        return self._heartbeat(node_id)
+
+    def _leader_address(self) -> str | None:
+        leader = self.raft.get("leader")
+        if leader is None or leader == self.raft.get("id"):
+            return None
+        return (self.raft.get("members") or {}).get(leader)
+
+    async def _forward_heartbeat(self, letter: Letter, node_id: str, statement: str) -> None:
+        deadline = trio.current_time() + self.propose_timeout
+        while trio.current_time() < deadline:
+            if self.leader_term:
+                try:
+                    letter.answer(self._leader_heartbeat(node_id, statement))
+                except Refused as refusal:
+                    letter.fail(refusal)
+                return
+            address = self._leader_address()
+            if address is not None:
+                try:
+                    letter.answer(await self.system.ref("registry", address).ask(
+                        m.LeaderHeartbeat(node_id, statement),
+                        timeout=max(0.1, deadline - trio.current_time())))
+                    return
+                except Refused as refusal:
+                    if refusal.code != "not_leader":
+                        letter.fail(refusal)
+                        return
+                except ActorError:
+                    pass
+            await trio.sleep(0.1)
+            await self._refresh_raft()
+        letter.fail(NoLeader("no leader took the heartbeat in time", {"replica": self.raft.get("id")}))
+
+    async def _propose_local(self, cmd: Any) -> Any:
+        """Propose an internal command only if this replica leads (hops=1: the
+        local consensus must not forward it to another leader)."""
+        return await self.consensus.ask(Propose(cmd, "", hops=1), timeout=self.propose_timeout)
+
+    async def _expire_replicated(self) -> None:
+        if not self.leader_term:
+            return
+        now = self.clock()
+        for node_id, deadline, last in self.state.leases_due(now):
+            if node_id not in self.leases:  # registered through another replica
+                self._adopt(node_id, deadline, last)
+        due = self.leases.expired(now)
+        if not due:
+            return
+        try:
+            result = await self._propose_local(
+                ExpireNodes(node_ids=tuple(due), at=now, term=self.leader_term))
+        except (Refused, ActorError) as exc:
+            log.warning("expiry not committed", extra={"nodes": len(due), "error": str(exc)})
+            return
+        for node_id in due:
+            if (self.leases.deadline(node_id) or 0.0) <= now:  # not renewed meanwhile
+                self.leases.drop(node_id)
+        for node_id in result["expired"]:
+            log.error("node expired", extra={"node_id": node_id, "ttl": self.ttl})
+
+    async def _checkpoint_replicated(self) -> None:
+        if not self.leader_term:
+            return
+        try:
+            scores = self.reputation.take_dirty()
+            if scores:
+                await self._propose_local(SetReputation(entries=tuple(
+                    ReputationEntry(node_id=n, reputation=r) for n, r in scores)))
+            dirty = self.leases.take_dirty()
+            for i in range(0, len(dirty), CHECKPOINT_CHUNK):
+                chunk = dirty[i:i + CHECKPOINT_CHUNK]
+                try:
+                    await self._propose_local(CheckpointLeases(entries=tuple(
+                        LeaseEntry(node_id=n, deadline=d, last_heartbeat=h) for n, d, h in chunk)))
+                except BaseException:
+                    for n, _, _ in dirty[i:]:  # retried at the next checkpoint
+                        if n in self.leases:
+                            self.leases._dirty.add(n)
+                    raise
+        except (Refused, ActorError) as exc:
+            log.warning("lease checkpoint not committed", extra={"error": str(exc)})
+
+
+CONSENSUS_CODES = frozenset({"no_leader", "not_leader", "not_committed", "commit_unknown"})
 
 
 def _iso(t: float | None) -> str | None:

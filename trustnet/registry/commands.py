@@ -110,10 +110,16 @@ class RemovePeer:
 
 @message("registry.expire_nodes")
 class ExpireNodes:
-    """Remove the nodes whose lease the leader saw run out; absent ids are skipped."""
+    """Remove the nodes whose lease the leader saw run out; absent ids are skipped.
+
+    `term` (replicated mode: the proposing leader's term, > 0) also skips a
+    node whose stored lease deadline is after `at`: a registration or lease
+    checkpoint committed after the leader decided, which it did not see (a
+    deposed or stalled leader's expiry never evicts a renewed node)."""
 
     node_ids: tuple[str, ...]
     at: float
+    term: int = 0
 
 
 @message("registry.lease_entry")

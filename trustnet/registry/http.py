@@ -9,6 +9,7 @@ import os
 import time
 from typing import Any
 
+import attrs
 import orjson
 from quart import Response, g, request
 from quart_trio import QuartTrio
@@ -16,6 +17,8 @@ from werkzeug.exceptions import HTTPException
 
 from actors import ActorError, AskTimeout, Ref, Refused
 from trustnet.version import build_info
+
+from trustnet.consensus.actor import AddMember, ClusterStatus, ReadBarrier, RemoveMember
 
 from . import messages as m
 from . import validate
@@ -25,7 +28,11 @@ from .validate import BadRequest
 log = logging.getLogger("trustnet.http")
 
 REFUSAL_STATUS = {"not_found": 404, "ipv6_taken": 409, "domain_exists": 409, "invalid": 400,
-                  "name_taken": 409, "bad_statement": 403, "signature_required": 403}
+                  "name_taken": 409, "bad_statement": 403, "signature_required": 403,
+                  # replicated mode (consensus refusals): all retryable, same request id
+                  "no_leader": 503, "commit_unknown": 503, "not_committed": 503,
+                  "not_leader": 503, "conf_change_in_progress": 409, "invalid_member": 400}
+RETRY_AFTER = frozenset({"no_leader", "commit_unknown", "not_committed", "not_leader"})
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -39,13 +46,38 @@ def error_response(status: int, code: str, message: str, headers: dict | None = 
 
 
 def create_app(registry: Ref, *, api_key: str | None = None, max_body_bytes: int = 65536,
-               ask_timeout: float = 10.0) -> QuartTrio:
+               ask_timeout: float = 10.0, consensus: Ref | None = None) -> QuartTrio:
+    """`consensus` set: replicated mode. Writes carry a request id (the
+    Idempotency-Key or X-Request-Id header, else a fresh one) so a retried
+    write applies once; reads are linearizable (ReadBarrier first) unless
+    `?consistency=stale`, and carry X-Raft-Index / X-Raft-Term."""
     app = QuartTrio("trustnet.registry")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
     key = api_key.encode() if api_key else None
 
     async def ask(msg: Any) -> Any:
+        if consensus is not None and hasattr(msg, "request_id"):
+            msg = attrs.evolve(msg, request_id=g.write_id)
         return await registry.ask(msg, timeout=ask_timeout)
+
+    async def read(msg: Any) -> Response | Any:
+        """Ask a read; in replicated mode after a read barrier (unless stale)."""
+        if consensus is None:
+            return await ask(msg)
+        if g.consistency == "stale":
+            st = await consensus.ask(ClusterStatus(hops=1), timeout=ask_timeout)
+            g.raft = (st["applied"], st["term"])
+        else:
+            barrier = await consensus.ask(ReadBarrier(), timeout=ask_timeout)
+            g.raft = (barrier["index"], barrier["term"])
+        return await registry.ask(msg, timeout=ask_timeout)
+
+    def args() -> dict[str, str]:
+        """The query parameters without `consistency` (replicated mode)."""
+        out = request.args.to_dict()
+        if consensus is not None:
+            out.pop("consistency", None)
+        return out
 
     async def body(*, optional: bool = False) -> dict[str, Any]:
         if request.content_length is not None and request.content_length > max_body_bytes:
@@ -61,6 +93,12 @@ def create_app(registry: Ref, *, api_key: str | None = None, max_body_bytes: int
         g.started = time.perf_counter()
         # 16 random hex digits; os.urandom is ~5x cheaper than uuid4().hex[:16]
         g.request_id = request.headers.get("X-Request-Id") or os.urandom(8).hex()
+        if consensus is not None:
+            g.write_id = (request.headers.get("Idempotency-Key") or g.request_id)[:128]
+            g.consistency = request.args.get("consistency", "linearizable")
+            if g.consistency not in ("linearizable", "stale"):
+                return error_response(400, "invalid_value",
+                                      "consistency must be linearizable or stale")
         if key is not None and request.method in WRITE_METHODS:
             return _check_key(key)
         return None
@@ -69,6 +107,10 @@ def create_app(registry: Ref, *, api_key: str | None = None, max_body_bytes: int
     async def log_request(response: Response) -> Response:
         await _finish_body(response, max_body_bytes)
         response.headers["X-Request-Id"] = g.get("request_id", "")
+        raft = g.get("raft")
+        if raft is not None:
+            response.headers["X-Raft-Index"] = str(raft[0])
+            response.headers["X-Raft-Term"] = str(raft[1])
         if not log.isEnabledFor(logging.INFO):  # skip building the record's fields
             return response
         duration = (time.perf_counter() - g.get("started", time.perf_counter())) * 1000
@@ -84,7 +126,10 @@ def create_app(registry: Ref, *, api_key: str | None = None, max_body_bytes: int
 
     @app.errorhandler(Refused)
     async def refused(exc: Refused) -> Response:
-        return error_response(REFUSAL_STATUS.get(exc.code, 400), exc.code, exc.message)
+        headers = {"Retry-After": "1"} if exc.code in RETRY_AFTER else None
+        if exc.code in RETRY_AFTER:
+            log.info("write refused by consensus", extra={"code": exc.code, "error": exc.message})
+        return error_response(REFUSAL_STATUS.get(exc.code, 400), exc.code, exc.message, headers)
 
     @app.errorhandler(ActorError)
     async def unavailable(exc: ActorError) -> Response:
@@ -116,6 +161,8 @@ def create_app(registry: Ref, *, api_key: str | None = None, max_body_bytes: int
             status = await registry.ask(m.Status(), timeout=min(ask_timeout, 2.0))
         except ActorError as exc:
             return json_response({"status": "unavailable", "reason": str(exc)}, 503)
+        if consensus is not None and status.get("leader") is None:
+            return json_response({"status": "no_leader", **status}, 503)
         return json_response({"status": "ok", **status})
 
     version_info: dict[str, str] = {}
@@ -141,12 +188,12 @@ def create_app(registry: Ref, *, api_key: str | None = None, max_body_bytes: int
 
     @app.get("/nodes")
     async def list_nodes() -> Response:
-        return json_response(await ask(validate.list_nodes(request.args.to_dict())))
+        return json_response(await read(validate.list_nodes(args())))
 
     @app.get("/nodes/<node_id>")
     async def get_node(node_id: str) -> Response:
-        validate.query(request.args.to_dict(), ())
-        return json_response(await ask(m.GetNode(validate.name(node_id, "node id"))))
+        validate.query(args(), ())
+        return json_response(await read(m.GetNode(validate.name(node_id, "node id"))))
 
     @app.delete("/nodes/<node_id>")
     async def delete_node(node_id: str) -> Response:
@@ -158,8 +205,8 @@ def create_app(registry: Ref, *, api_key: str | None = None, max_body_bytes: int
 
     @app.get("/nodes/<node_id>/reputation")
     async def reputation(node_id: str) -> Response:
-        validate.query(request.args.to_dict(), ())
-        return json_response(await ask(m.ReputationOf(validate.name(node_id, "node id"))))
+        validate.query(args(), ())
+        return json_response(await read(m.ReputationOf(validate.name(node_id, "node id"))))
 
     @app.delete("/nodes/<node_id>/identity")
     async def release_name(node_id: str) -> Response:
@@ -169,8 +216,8 @@ def create_app(registry: Ref, *, api_key: str | None = None, max_body_bytes: int
 
     @app.get("/domains")
     async def list_domains() -> Response:
-        validate.query(request.args.to_dict(), ())
-        return json_response({"domains": await ask(m.ListDomains())})
+        validate.query(args(), ())
+        return json_response({"domains": await read(m.ListDomains())})
 
     @app.post("/domains")
     async def create_domain() -> Response:
@@ -180,11 +227,11 @@ def create_app(registry: Ref, *, api_key: str | None = None, max_body_bytes: int
 
     @app.get("/peers")
     async def list_peers() -> Response:
-        args = request.args.to_dict()
-        validate.query(args, ("node",))
-        node = args.get("node")
+        query = args()
+        validate.query(query, ("node",))
+        node = query.get("node")
         node_id = validate.name(node, "node") if node is not None else None
-        return json_response({"peers": await ask(m.ListPeers(node_id))})
+        return json_response({"peers": await read(m.ListPeers(node_id))})
 
     @app.post("/peers")
     async def add_peer() -> Response:
@@ -194,10 +241,40 @@ def create_app(registry: Ref, *, api_key: str | None = None, max_body_bytes: int
     @app.delete("/peers")
     async def remove_peer() -> Response:
         # DELETE bodies are unusual; the pair may come as query parameters too.
-        args = request.args.to_dict()
-        data = args if args else await body()
+        query = request.args.to_dict()
+        data = query if query else await body()
         a, b = validate.peer_pair(data)
         return json_response(await ask(m.RemovePeerReq(a, b)))
+
+    # ------------------------------------------------------------ cluster (replicated mode)
+
+    def not_replicated() -> Response:
+        return error_response(404, "not_replicated",
+                              "this registry runs a single replica (replication.enabled: false)")
+
+    @app.get("/cluster")
+    async def cluster() -> Response:
+        if consensus is None:
+            return not_replicated()
+        return json_response(await consensus.ask(ClusterStatus(), timeout=ask_timeout))
+
+    @app.post("/cluster/members")
+    async def add_member() -> Response:
+        data = await body()
+        if consensus is None:
+            return not_replicated()
+        ident, address = data.get("id"), data.get("address")
+        if not isinstance(ident, str) or not isinstance(address, str) \
+                or not ident or not address.startswith("ws://"):
+            raise BadRequest("invalid_value", "need {\"id\": str, \"address\": \"ws://[addr]:port\"}")
+        return json_response(await consensus.ask(AddMember(ident, address),
+                                                 timeout=ask_timeout), 201)
+
+    @app.delete("/cluster/members/<member_id>")
+    async def remove_member(member_id: str) -> Response:
+        if consensus is None:
+            return not_replicated()
+        return json_response(await consensus.ask(RemoveMember(member_id), timeout=ask_timeout))
 
     return app
 

@@ -20,11 +20,13 @@ class Register:
     port: int = DEFAULT_PORT
     domain: str = DEFAULT_DOMAIN
     public_key: str | None = None  # set for signed registrations: binds the name
+    request_id: str = ""  # client session id (replicated mode): a retried write applies once
 
 
 @message("registry.req.deregister")
 class Deregister:
     node_id: str
+    request_id: str = ""  # client session id (replicated mode): a retried write applies once
 
 
 @message("registry.req.heartbeat")
@@ -52,6 +54,7 @@ class ListDomains:
 @message("registry.req.create_domain")
 class CreateDomainReq:
     name: str
+    request_id: str = ""  # client session id (replicated mode): a retried write applies once
 
 
 @message("registry.req.list_peers")
@@ -63,12 +66,14 @@ class ListPeers:
 class AddPeerReq:
     node_a: str
     node_b: str
+    request_id: str = ""  # client session id (replicated mode): a retried write applies once
 
 
 @message("registry.req.remove_peer")
 class RemovePeerReq:
     node_a: str
     node_b: str
+    request_id: str = ""  # client session id (replicated mode): a retried write applies once
 
 
 @message("registry.req.status")
@@ -86,3 +91,15 @@ class ReleaseName:
     """Admin: free a name from its key (the API key guards the route)."""
 
     node_id: str
+    request_id: str = ""  # client session id (replicated mode): a retried write applies once
+
+
+@message("registry.req.leader_heartbeat")
+class LeaderHeartbeat:
+    """A follower's RegistryActor forwards a node's heartbeat to the leader's
+    (leases live on the leader). `statement` set: a signed heartbeat. A
+    receiver that does not lead refuses with "not_leader" (never forwards)."""
+
+    node_id: str = ""
+    statement: str = ""
+

@@ -28,6 +28,11 @@ def _errors(*codes: int) -> dict:
 _WRITE = (400, 401, 403, 413, 503)
 _NAME = {"type": "string", "pattern": "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"}
 _NODE_ID = {"name": "node_id", "in": "path", "required": True, "schema": _NAME}
+_CONSISTENCY = {"name": "consistency", "in": "query",
+                "description": "Replicated registry: 'linearizable' (default, ReadIndex on the "
+                               "leader) or 'stale' (this replica's state). Responses carry "
+                               "X-Raft-Index and X-Raft-Term.",
+                "schema": {"type": "string", "enum": ["linearizable", "stale"]}}
 _BODY = lambda name: {"required": True, "content": {"application/json": {"schema": _ref(name)}}}  # noqa: E731
 
 OPENAPI: dict = {
@@ -72,6 +77,14 @@ OPENAPI: dict = {
             "PeerPair": {"type": "object", "required": ["node_a", "node_b"],
                          "additionalProperties": False,
                          "properties": {"node_a": _NAME, "node_b": _NAME}},
+            "NewMember": {"type": "object", "required": ["id", "address"],
+                          "additionalProperties": False, "properties": {
+                              "id": _NAME, "address": {"type": "string", "pattern": "^ws://"}}},
+            "ClusterStatus": {"type": "object", "properties": {
+                "id": {"type": "string"}, "role": {"type": "string"},
+                "leader": {"type": ["string", "null"]}, "term": {"type": "integer"},
+                "commit": {"type": "integer"}, "applied": {"type": "integer"},
+                "members": {"type": "object"}, "lag": {"type": "object"}}},
             "Peer": {"type": "object", "properties": {
                 "node_a": {"type": "string"}, "node_b": {"type": "string"},
                 "connected_at": {"type": "string", "format": "date-time"}}},
@@ -94,7 +107,7 @@ OPENAPI: dict = {
                         {"name": "limit", "in": "query",
                          "schema": {"type": "integer", "minimum": 1, "maximum": 1000,
                                     "default": 100}},
-                        {"name": "after", "in": "query", "schema": _NAME}],
+                        {"name": "after", "in": "query", "schema": _NAME}, _CONSISTENCY],
                     "responses": {"200": _json(_ref("NodePage"), "A page of nodes"),
                                   **_errors(400, 404, 503)}},
             "post": {"summary": "Register or update a node (starts its lease)",
@@ -103,7 +116,7 @@ OPENAPI: dict = {
                                    "200": _json(_ref("Node"), "Updated"),
                                    **_errors(*_WRITE, 409)}}},
         "/nodes/{node_id}": {
-            "get": {"summary": "One node", "parameters": [_NODE_ID],
+            "get": {"summary": "One node", "parameters": [_NODE_ID, _CONSISTENCY],
                     "responses": {"200": _json(_ref("Node"), "The node"),
                                   **_errors(400, 404, 503)}},
             "delete": {"summary": "Deregister a node", "parameters": [_NODE_ID],
@@ -157,5 +170,22 @@ OPENAPI: dict = {
                                       {"name": "node_b", "in": "query", "schema": _NAME}],
                        "responses": {"200": _json(_ref("PeerPair"), "Removed"),
                                      **_errors(*_WRITE, 404)}}},
+        "/cluster": {
+            "get": {"summary": "Replicated registry: members, leader, term, commit and applied "
+                               "index, each member's lag (404 when not replicated)",
+                    "responses": {"200": _json(_ref("ClusterStatus"), "Cluster status"),
+                                  **_errors(404, 503)}}},
+        "/cluster/members": {
+            "post": {"summary": "Admin: add a replica (one membership change at a time)",
+                     "security": [{"bearer": []}], "requestBody": _BODY("NewMember"),
+                     "responses": {"201": _json({"type": "object"}, "Added"),
+                                   **_errors(*_WRITE, 404, 409)}}},
+        "/cluster/members/{member_id}": {
+            "delete": {"summary": "Admin: remove a replica",
+                       "parameters": [{"name": "member_id", "in": "path", "required": True,
+                                       "schema": _NAME}],
+                       "security": [{"bearer": []}],
+                       "responses": {"200": _json({"type": "object"}, "Removed"),
+                                     **_errors(*_WRITE, 404, 409)}}},
     },
 }

@@ -4,11 +4,19 @@ The RegistryActor runs under a supervisor; the HTTP server runs beside it.
 SIGINT/SIGTERM stop the HTTP server gracefully (in-flight requests finish),
 then the supervisor stops the actors in reverse start order. A supervisor that
 gives up, or a database that cannot be opened, ends the process with exit 1.
+
+With replication.enabled the process is one replica of a Raft group: it opens
+the Raft log (raft.db beside the registry database) and supervises
+"consensus" (ConsensusActor) before "registry" (RegistryActor in replicated
+mode) on the same websocket transport, so listen.ws_port carries both Raft
+traffic and nodes' links. On SIGTERM the registry stops first, then the
+consensus actor hands leadership over (on_stop) before the process exits 0.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 
 import hypercorn.config
@@ -17,7 +25,10 @@ import trio
 
 from actors import ActorSystem, ChildSpec, Restart, Supervisor, run_root
 from actors.ws import WebsocketTransport
-from trustnet.config import RegistryConfig
+from trustnet.config import RegistryConfig, replica_addresses
+from trustnet.consensus.actor import ConsensusActor, ConsensusConfig
+from trustnet.consensus.core import RaftConfig
+from trustnet.consensus.replica import ReplicaSpec, open_stores
 from trustnet.logs import hypercorn_logging
 
 from .actor import RegistryActor
@@ -30,15 +41,35 @@ EXIT_OK, EXIT_FAILURE, EXIT_CONFIG = 0, 1, 2
 
 
 def registry_supervisor(system: ActorSystem, state: RegistryState,
-                        config: RegistryConfig) -> Supervisor:
+                        config: RegistryConfig, replica: ReplicaSpec | None = None,
+                        storage: object = None) -> Supervisor:
     def start() -> RegistryActor:
         return RegistryActor(state, ttl=config.leases.ttl,
                              checkpoint_interval=config.leases.checkpoint_interval,
-                             heartbeat_interval=config.leases.heartbeat_interval)
+                             heartbeat_interval=config.leases.heartbeat_interval,
+                             consensus=system.ref("consensus") if replica is not None else None)
 
-    return Supervisor(system, "registry-root",
-                      [ChildSpec("registry", start, Restart.PERMANENT, mailbox_size=10_000)],
-                      intensity=5, period=30.0)
+    children = [ChildSpec("registry", start, Restart.PERMANENT, mailbox_size=10_000)]
+    if replica is not None:
+        def start_consensus() -> ConsensusActor:
+            return ConsensusActor(replica.id, voters=replica.voters, addresses=replica.addresses,
+                                  storage=storage, state=state, config=replica.config)
+
+        children.insert(0, ChildSpec("consensus", start_consensus, Restart.PERMANENT,
+                                     mailbox_size=10_000))
+    return Supervisor(system, "registry-root", children, intensity=5, period=30.0)
+
+
+def replica_spec(config: RegistryConfig) -> ReplicaSpec:
+    r = config.replication
+    addresses = replica_addresses(config)
+    raft_path = os.path.join(os.path.dirname(config.database.path) or ".", "raft.db")
+    consensus = ConsensusConfig(
+        tick=r.tick, raft=RaftConfig(heartbeat_ticks=r.heartbeat_ticks,
+                                     election_ticks=r.election_ticks),
+        snapshot_threshold=r.snapshot_threshold)
+    return ReplicaSpec(id=r.id, addresses=addresses, registry_path=config.database.path,
+                       raft_path=raft_path, voters=tuple(sorted(addresses)), config=consensus)
 
 
 def hypercorn_config(config: RegistryConfig) -> hypercorn.config.Config:
@@ -52,10 +83,7 @@ def hypercorn_config(config: RegistryConfig) -> hypercorn.config.Config:
 
 async def serve(config: RegistryConfig) -> int:
     if config.replication.enabled:
-        # Say so rather than silently run unreplicated.
-        log.critical("replication.enabled: this version runs a single replica; "
-                     "set replication.enabled to false")
-        return EXIT_CONFIG
+        return await _serve_replica(config)
     try:
         state = RegistryState.open(config.database.path)
     except StorageError as exc:
@@ -68,21 +96,46 @@ async def serve(config: RegistryConfig) -> int:
         state.close()
 
 
-async def _run(config: RegistryConfig, state: RegistryState) -> int:
+async def _serve_replica(config: RegistryConfig) -> int:
+    spec = replica_spec(config)
+    try:
+        storage, state = open_stores(spec)
+    except (StorageError, ValueError, OSError) as exc:
+        log.critical("cannot open the registry or raft database",
+                     extra={"path": config.database.path, "raft": spec.raft_path,
+                            "error": str(exc)})
+        return EXIT_FAILURE
+    log.info("replica", extra={"replica": spec.id, "members": spec.addresses,
+                               "raft": spec.raft_path})
+    try:
+        return await _run(config, state, spec, storage)
+    finally:
+        state.close()
+        close = getattr(storage, "close", None)
+        if close is not None:
+            close()
+
+
+async def _run(config: RegistryConfig, state: RegistryState,
+               replica: ReplicaSpec | None = None, storage: object = None) -> int:
     if not config.api_key:
         log.warning("REGISTRY_API_KEY is not set: the registry accepts writes from anyone")
     try:
-        # Nodes' actor links (signed heartbeats, link reports) come in here.
-        transport = WebsocketTransport(config.listen.host, config.listen.ws_port)
+        # Nodes' actor links (signed heartbeats, link reports) come in here,
+        # and in replicated mode the Raft traffic between replicas too.
+        advertise = replica.addresses[replica.id] if replica is not None else None
+        transport = WebsocketTransport(config.listen.host, config.listen.ws_port,
+                                       advertise=advertise)
     except OSError as exc:
         log.critical("cannot listen for node links",
                      extra={"port": config.listen.ws_port, "error": str(exc)})
         return EXIT_FAILURE
     system = ActorSystem(transport=transport)
-    supervisor = registry_supervisor(system, state, config)
+    supervisor = registry_supervisor(system, state, config, replica, storage)
     app = create_app(system.ref("registry"), api_key=config.api_key,
                      max_body_bytes=config.http.max_body_bytes,
-                     ask_timeout=config.http.request_timeout)
+                     ask_timeout=config.http.request_timeout,
+                     consensus=system.ref("consensus") if replica is not None else None)
     shutdown = trio.Event()
     actors_scope = trio.CancelScope()
     code = EXIT_OK

@@ -459,8 +459,13 @@ class RegistryState:
     def _expire_nodes(self, cmd: ExpireNodes) -> dict:
         node_ids = _text_tuple(cmd.node_ids, "node_ids")
         _iso(cmd.at, "at")
-        expired = [node_id for node_id in node_ids
-                   if self._db.execute("DELETE FROM nodes WHERE id = ?", [node_id]).rowcount]
+        if isinstance(cmd.term, int) and cmd.term > 0:
+            expired = [node_id for node_id in node_ids if self._db.execute(
+                "DELETE FROM nodes WHERE id = ? AND (lease_deadline IS NULL OR lease_deadline <= ?)",
+                [node_id, cmd.at]).rowcount]
+        else:
+            expired = [node_id for node_id in node_ids
+                       if self._db.execute("DELETE FROM nodes WHERE id = ?", [node_id]).rowcount]
         return {"expired": expired}
 
     def _checkpoint_leases(self, cmd: CheckpointLeases) -> dict:
@@ -522,6 +527,15 @@ class RegistryState:
         """node id -> (lease deadline, last heartbeat), both Unix seconds or None."""
         return {node_id: (deadline, _seconds(heartbeat)) for node_id, deadline, heartbeat
                 in self._conn.execute("SELECT id, lease_deadline, last_heartbeat FROM nodes")}
+
+    @_serialized
+    def leases_due(self, now: float) -> list[tuple[str, float | None, float | None]]:
+        """(id, stored lease deadline, last heartbeat) of nodes whose stored
+        deadline is at or before `now` (or unknown): what a leader must track."""
+        return [(node_id, deadline, _seconds(heartbeat)) for node_id, deadline, heartbeat
+                in self._conn.execute("SELECT id, lease_deadline, last_heartbeat FROM nodes "
+                                      "WHERE lease_deadline IS NULL OR lease_deadline <= ?",
+                                      [now])]
 
     @_serialized
     def node_count(self) -> int:

@@ -99,6 +99,14 @@ def heartbeat(data: dict[str, Any], node_id: str) -> m.Heartbeat | SignedHeartbe
     statement = data["statement"]
     if not isinstance(statement, str):
         raise BadRequest("invalid_type", "statement must be the JSON text of a signed statement")
+    try:
+        claimed = orjson.loads(statement)
+    except orjson.JSONDecodeError:
+        claimed = None  # the registry refuses it (bad_statement)
+    if isinstance(claimed, dict) and "node_id" in claimed and claimed["node_id"] != node_id:
+        # Otherwise a heartbeat posted for one node would renew another's lease.
+        raise BadRequest("invalid_value", f"the statement is for node {claimed['node_id']!r}, "
+                                          f"not {node_id!r}")
     return SignedHeartbeat(statement=statement)
 
 
