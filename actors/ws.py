@@ -276,6 +276,9 @@ class WebsocketTransport:
         self.port = self._sock.getsockname()[1]
         self.address = self._advertised(advertise)
         self._hello = hello_frame(self.address)
+        # Dial from the address we advertise, so the peer can check that our
+        # hello comes from the host it names (see _check_origin).
+        self._source = _source_address(self.address)
 
         self._links: dict[str, _Link] = {}
         self._nursery: trio.Nursery | None = None  # set while serving
@@ -423,7 +426,9 @@ class WebsocketTransport:
                 self._note_closed(conn, conn.remote, closed.reason)
                 return None
             try:
-                return parse_hello(frame)
+                peer = parse_hello(frame)
+                _check_origin(peer, conn.ws)
+                return peer
             except ProtocolError as exc:
                 await self._reject(conn, conn.remote, exc)
                 return None
@@ -533,7 +538,8 @@ class WebsocketTransport:
         up = False
         try:
             with trio.fail_after(self.connect_timeout):
-                stream = await trio.open_tcp_stream(link.host, link.port)
+                stream = await trio.open_tcp_stream(link.host, link.port,
+                                                    local_address=self._source)
             # We own the TCP stream so that it is closed however the link ends
             # (trio-websocket leaves it open when the peer just vanishes).
             with collapsed():
@@ -681,6 +687,42 @@ def _allow_ipv4(sock: socket.socket) -> None:
         sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
     except (OSError, AttributeError):
         log.debug("dual-stack not available; listening on IPv6 only")
+
+
+def _source_address(address: str) -> str | None:
+    host, _ = parse_address(address)
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return None  # a host name: let the kernel choose
+    return None if ip.is_unspecified else ip.compressed
+
+
+def _check_origin(peer: str, ws: WebSocketConnection) -> None:
+    """A hello may only name the host the connection comes from.
+
+    Without this, anyone who can reach us could claim a peer's address and
+    have that peer's traffic (and its replies) routed to them, or slip
+    messages in as that peer. A host name cannot be checked here and an
+    unspecified address cannot be dialled back: both are refused.
+    """
+    host, _ = parse_address(peer)
+    try:
+        claimed = ipaddress.ip_address(host)
+    except ValueError:
+        raise ProtocolError(f"hello names host {host!r}; a peer must give its IP address") from None
+    if claimed.is_unspecified:
+        raise ProtocolError(f"hello names the unspecified address {peer}")
+    remote = getattr(ws, "remote", None)
+    actual = getattr(remote, "address", None)
+    try:
+        actual_ip = ipaddress.ip_address(str(actual)) if actual is not None else None
+    except ValueError:
+        actual_ip = None
+    if isinstance(actual_ip, ipaddress.IPv6Address) and actual_ip.ipv4_mapped:
+        actual_ip = actual_ip.ipv4_mapped
+    if actual_ip is None or actual_ip != claimed:
+        raise ProtocolError(f"hello claims {peer} but the connection comes from {actual}")
 
 
 def _endpoint(ws: WebSocketConnection) -> str:

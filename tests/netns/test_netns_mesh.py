@@ -597,11 +597,6 @@ async def test_garbage_frames_close_only_that_connection(mesh):
 
 
 @needs_registry_ws
-@pytest.mark.xfail(strict=False, reason=(
-    "product: the transport files a connection under the address its hello claims, "
-    "unauthenticated; the newest connection carries the writes, so a host that claims "
-    "a peer's address gets that peer's traffic, injects messages as it, and the real "
-    "link is dropped after 3 missed pongs"))
 async def test_a_hello_claiming_a_peers_address_takes_nothing_over(mesh):
     """A host that opens a websocket to node-1 and names node-2's address in its
     hello (no challenge-response) must neither receive node-1's traffic for

@@ -568,6 +568,10 @@ GARBAGE = {
     "ask without cid": ([HELLO, envelope(ECHO, cid=None)], 1002),
     "binary envelope": ([HELLO, envelope(ECHO).encode()], 1002),
     "oversized envelope": ([HELLO, envelope({"$t": "test.ws.Echo", "text": "x" * BIG})], 1009),
+    # A hello may only name the host the connection comes from (here ::1).
+    "hello claiming another host": ([hello_frame("ws://[fd10:1234::99]:1")], 1002),
+    "hello naming a host name": ([hello_frame("ws://peer.example:1")], 1002),
+    "hello naming the unspecified address": ([hello_frame("ws://[::]:1")], 1002),
 }
 
 
