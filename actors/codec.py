@@ -295,7 +295,9 @@ def error_from_body(body: dict) -> Exception:
         err = _refusals[kind].__new__(_refusals[kind])
         Refused.__init__(err, code, text, details)
         return err
-    if kind == "Refused":
+    if kind == "Refused" or code:
+        # Only refusals carry a code: an unregistered subclass still comes
+        # back as a Refused with its code, never as an opaque RemoteError.
         return Refused(code, text, details)
     cls = getattr(errors, kind, None)
     if isinstance(cls, type) and issubclass(cls, errors.ActorError) and cls not in (

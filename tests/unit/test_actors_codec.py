@@ -348,7 +348,15 @@ def test_kernel_errors_come_back_by_name(cls: type):
     assert type(back) is cls and str(back) == "what happened"
 
 
-@pytest.mark.parametrize("exc", [ValueError("bad value"), KeyError("k"), NotRegistered("c", "m"),
+def test_unregistered_refusal_keeps_its_code():
+    # The receiver may not have imported the sender's Refused subclass; the
+    # code is what it acts on, so it must survive.
+    back = _through_wire(NotRegistered("name_taken", "bound to another key", {"n": 1}))
+    assert type(back) is Refused
+    assert (back.code, back.message, back.details) == ("name_taken", "bound to another key", {"n": 1})
+
+
+@pytest.mark.parametrize("exc", [ValueError("bad value"), KeyError("k"),
                                  RemoteError("Inner", "nested")])
 def test_other_errors_come_back_as_remoteError(exc: BaseException):
     back = _through_wire(exc)
