@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.installed
 CONFIG ?= configs/registry.yaml
 PYTEST_ARGS ?=
 
-.PHONY: run run-cluster test venv clean bench
+.PHONY: run run-cluster test soak venv clean bench
 
 venv: $(STAMP)
 
@@ -40,6 +40,12 @@ run-cluster: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Hours of seeded consensus simulations (SOAK_HOURS, SOAK_START); prints seeds/s.
+SOAK_HOURS ?= 1
+SOAK_START ?= 1000
+soak: $(STAMP)
+	$(PY) tests/sim/soak.py --hours $(SOAK_HOURS) --start $(SOAK_START)
 
 bench: $(STAMP)
 	$(PY) bench/registry_http.py

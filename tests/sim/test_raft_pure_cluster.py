@@ -39,7 +39,8 @@ from trustnet.consensus.core import (
 )
 from trustnet.consensus.messages import AppendEntries, AppendResponse, VoteRequest, VoteResponse
 
-SEEDS = int(os.environ.get("TRUSTNET_SIM_SEEDS", "200"))
+# 440 here and 60 whole-replica seeds in test_consensus_sim.py: 500 per CI run.
+SEEDS = int(os.environ.get("TRUSTNET_SIM_SEEDS", "440"))
 STEPS = int(os.environ.get("TRUSTNET_SIM_STEPS", "16000"))  # chaos steps per seed (two phases)
 
 CFG = RaftConfig(heartbeat_ticks=5, election_ticks=15, max_batch_entries=8, max_inflight=4,
