@@ -68,3 +68,14 @@ def test_challenge_response():
     assert not check_proof(b.public_key, sig, c, "b", "a", "x")        # another link
     assert not check_proof(None, sig, c, "b", "a", "b")
     assert not check_proof(b.public_key, "garbage", c, "b", "a", "b")
+
+
+def test_a_later_copy_with_more_hops_left_is_forwarded_not_delivered():
+    seen = SeenSet()
+    # The first copy came the long way round: no hops left, delivered, not forwarded.
+    assert flood_step(seen, 0.0, "me", "m1", "o", "a", 0, None, ["a", "b", "c"]) == (True, [])
+    # A shorter-path copy still has hops: forwarded onward, not delivered again.
+    assert flood_step(seen, 0.1, "me", "m1", "o", "b", 3, None, ["a", "b", "c"]) == (False, ["a", "c"])
+    # No better than what was already forwarded: dropped.
+    assert flood_step(seen, 0.2, "me", "m1", "o", "c", 3, None, ["a", "b", "c"]) == (False, [])
+    assert flood_step(seen, 0.3, "me", "m1", "o", "c", 2, None, ["a", "b", "c"]) == (False, [])

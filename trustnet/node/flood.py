@@ -25,6 +25,7 @@ class SeenSet:
         self.capacity = capacity
         self.max_age = max_age
         self._ids: OrderedDict[str, float] = OrderedDict()
+        self._hops: dict[str, int] = {}  # the most hops left any forwarded copy had
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -39,7 +40,16 @@ class SeenSet:
             return False
         self._ids[msg_id] = now
         while len(self._ids) > self.capacity:
-            self._ids.popitem(last=False)
+            gone, _ = self._ids.popitem(last=False)
+            self._hops.pop(gone, None)
+        return True
+
+    def better_hops(self, msg_id: str, hops_left: int) -> bool:
+        """Record `hops_left` for `msg_id`; True when no copy seen before had as many."""
+        best = self._hops.get(msg_id)
+        if best is not None and hops_left <= best:
+            return False
+        self._hops[msg_id] = hops_left
         return True
 
     def _expire(self, now: float) -> None:
@@ -49,6 +59,7 @@ class SeenSet:
             if seen >= horizon:
                 return
             del self._ids[oldest]
+            self._hops.pop(oldest, None)
 
 
 def flood_step(seen: SeenSet, now: float, me: str, msg_id: str, origin: str, via: str,
@@ -56,16 +67,23 @@ def flood_step(seen: SeenSet, now: float, me: str, msg_id: str, origin: str, via
                ) -> tuple[bool, list[str]]:
     """What to do with a flooded message: (deliver here?, peers to forward to).
 
-    A message seen before is neither delivered nor forwarded. A new one is
-    delivered when it is for everyone or for us, and forwarded (unless its
-    hops are used up, or it was for us) to every link but `via` and `origin`.
+    A new message is delivered when it is for everyone or for us, and
+    forwarded (unless its hops are used up, or it was for us) to every link
+    but `via` and `origin`. A copy seen before is never delivered again, but
+    it is forwarded when it has more hops left than any earlier copy: the
+    first copy to arrive may have come the long way round with its hops used
+    up, and dropping the shorter-path copy would cut off the nodes beyond.
     """
+    onward = [p for p in links if p not in (via, origin, me)]
     if not seen.add(msg_id, now):
+        if target != me and hops_left > 0 and seen.better_hops(msg_id, hops_left):
+            return False, onward
         return False, []
+    seen.better_hops(msg_id, hops_left)
     deliver = target is None or target == me
     if hops_left <= 0 or target == me:
         return deliver, []
-    return deliver, [p for p in links if p not in (via, origin, me)]
+    return deliver, onward
 
 
 class Inbox:
