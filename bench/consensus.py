@@ -1148,8 +1148,7 @@ def main(argv: list[str] | None = None) -> int:
           "healthy and caught up;")
     print("  '16c CPU' = CPU of the cluster's 3 processes / of the leader during the 16-client "
           "runs (100% = one core);")
-    print("  'idle CPU' = the cluster's CPU")
-    print("  while idle (what it takes from the others, which run meanwhile)")
+    print("  'idle CPU' = the cluster's CPU while idle (what it takes from the one measured)")
 
     if tn_fig is not None and etcd_figs:
         print()
