@@ -37,6 +37,7 @@ started is killed and the temporary directory removed on the way out
 
 from __future__ import annotations
 
+import abc
 import argparse
 import array
 import hashlib
@@ -285,22 +286,27 @@ class Cluster:
     # -- writes (the same shapes for the sequential, throughput and failover
     # figures); static, so that the load processes get them by class
     @staticmethod
+    @abc.abstractmethod
     def write(tag: str, n: int, port: int) -> bytes:
-        raise NotImplementedError
+        ...
 
     @staticmethod
+    @abc.abstractmethod
     def write_ok(status: int, body: bytes) -> bool:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def wrk_lua(self, run: int) -> str:
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def leader(self, timeout: float = 20.0) -> int:
         """Index of the current leader (agreed by the member that leads)."""
-        raise NotImplementedError
+        ...
 
+    @abc.abstractmethod
     def healthy(self, i: int) -> bool:
-        raise NotImplementedError
+        ...
 
     def restart(self, i: int) -> None:
         self.members[i].start()
