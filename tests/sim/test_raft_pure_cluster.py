@@ -155,14 +155,26 @@ class Cluster:
         rd = node.core.ready()
         if rd is None:
             return False
+        # As the actor shell does (ConsensusActor._may_send_early): a leader's
+        # messages may leave while its new entries are still being written,
+        # so it may crash having sent entries it never persisted.
+        disk_hs = node.disk.hard_state
+        early = (node.core.role == LEADER and rd.snapshot is None and self.rng.random() < 0.5
+                 and (rd.hard_state is None
+                      or (rd.hard_state.term, rd.hard_state.vote) == (disk_hs.term, disk_hs.vote)))
+        if early:
+            self.send_all(node, rd, early=True)
+            if self.rng.random() < 0.002:
+                self.note(f"leader {node.id} crashes after sending, before persisting")
+                node.crash()
+                return True
         self.persist(node, rd)
         if crash_after_persist:
             self.note(f"{node.id} crashes after persisting, before sending")
             node.crash()
             return True
-        for m in rd.messages:
-            if self.rng.random() >= self.drop_rate:
-                self.queue.append(m)
+        if not early:
+            self.send_all(node, rd, early=False)
         if interleave and self.rng.random() < 0.2:
             # The shell may step the core while a Ready is being handled
             # (etcd allows it): deliver a message to this node before advance().
@@ -178,6 +190,12 @@ class Cluster:
             self.check_read(node, rs)
         node.core.advance(rd)
         return True
+
+    def send_all(self, node: Node, rd: Ready, early: bool) -> None:
+        for m in rd.messages:
+            self.check_durable_before_send(node, node.disk, m, early=early)
+            if self.rng.random() >= self.drop_rate:
+                self.queue.append(m)
 
     def persist(self, node: Node, rd: Ready) -> None:
         disk = node.disk
@@ -207,16 +225,18 @@ class Cluster:
                 self.fail(f"{node.id}: committed index {i} has term {t}, was {known}")
         self.recorded_commit[node.id] = hs.commit
         # Persistence contract: every message may only rely on what is now durable.
-        for m in rd.messages:
+        for m in rd.messages:  # (also those sent early: durable by now)
             self.check_durable_before_send(node, disk, m)
         if rd.committed and rd.committed[-1].index > hs.commit:
             self.fail(f"{node.id}: applying {rd.committed[-1].index} beyond persisted commit {hs.commit}")
 
-    def check_durable_before_send(self, node: Node, disk: MemoryStorage, m) -> None:
+    def check_durable_before_send(self, node: Node, disk: MemoryStorage, m, early: bool = False) -> None:
         """A message may be built from in-memory state the node already moved
         past (several steps between two Readys); that is fine as long as what is
         durable now can never contradict it. So each check applies while the
-        persisted term still equals the message's term."""
+        persisted term still equals the message's term. `early`: a leader's
+        message sent while its entries are being written; only those may be
+        ahead of its disk."""
         hs = disk.hard_state
         future_term = (isinstance(m, VoteRequest) and m.pre_vote) or (
             isinstance(m, VoteResponse) and m.pre_vote and m.granted)
@@ -231,9 +251,10 @@ class Cluster:
         if isinstance(m, AppendResponse) and m.success and m.index >= disk.first_index:
             if disk.term(m.index) is None or disk.term(m.index) != node.core.term_at(m.index):
                 self.fail(f"{node.id}: acks {m.index} before persisting it")
-        if isinstance(m, AppendEntries) and m.entries:
+        if isinstance(m, AppendEntries) and m.entries and not early:
             last = m.entries[-1]
-            if disk.term(last.index) != last.term:
+            # (built before a compaction that covered it: durable in the snapshot)
+            if last.index >= disk.first_index and disk.term(last.index) != last.term:
                 self.fail(f"{node.id}: sends entry {last.index} before persisting it")
 
     def check_applied(self, node: Node, e) -> None:

@@ -22,8 +22,10 @@ from trustnet.consensus.core import (
     RaftConfig,
     RaftCore,
     ReadState,
+    Ready,
     decode_conf_change,
     encode_conf_change,
+    must_sync,
 )
 from trustnet.consensus.messages import (
     ALL_MESSAGES,
@@ -449,10 +451,45 @@ def test_commit_only_by_counting_current_term_entries_figure8():
     assert a.role == CANDIDATE and a.term == 4
     a.step(VoteResponse(term=4, from_id="b", to_id="a", granted=True))
     assert a.role == LEADER and a.last_index == 3  # 3 is its empty entry of term 4
+    a.advance(a.ready())  # persisted: the leader's own copy of 3 counts from now on
     a.step(AppendResponse(term=4, from_id="b", to_id="a", success=True, index=2))
     assert a.commit == 1  # 2@2 is on a majority, but of an older term
     a.step(AppendResponse(term=4, from_id="b", to_id="a", success=True, index=3))
     assert a.commit == 3  # committing 3@4 commits 2@2 indirectly
+
+
+def test_the_leaders_own_copy_counts_only_once_persisted():
+    """The shell may send a leader's appends while its own copy is written
+    (thesis §10.2.1): the leader's vote for an entry waits for advance()."""
+    net = Net()
+    ldr = net.elect("a")
+    index = ldr.propose(b"x")
+    rd = ldr.ready()
+    assert [e.index for e in rd.entries] == [index]
+    # b alone has it durable; the leader's copy is still being written: no majority.
+    ldr.step(AppendResponse(term=ldr.term, from_id="b", to_id="a", success=True, index=index))
+    assert ldr.commit < index
+    ldr.advance(rd)
+    assert ldr.commit == index
+    # Two followers make a majority without the leader's copy.
+    index = ldr.propose(b"y")
+    rd = ldr.ready()
+    for f in ("b", "c"):
+        ldr.step(AppendResponse(term=ldr.term, from_id=f, to_id="a", success=True, index=index))
+    assert ldr.commit == index
+    ldr.advance(rd)
+    assert [e.data for e in ldr.ready().committed] == [b"y"]
+
+
+def test_must_sync_only_for_entries_snapshots_terms_and_votes():
+    base = HardState(3, "a", 10)
+    def rd(hs=None, entries=()):
+        return Ready(hs, tuple(entries), None, (), (), (), None)
+    assert not must_sync(rd(HardState(3, "a", 12)), base)  # only the commit moved
+    assert not must_sync(rd(), base)
+    assert must_sync(rd(HardState(4, None, 10)), base)
+    assert must_sync(rd(HardState(3, "b", 10)), base)
+    assert must_sync(rd(entries=[Entry(11, 3, "normal", b"x")]), base)
 
 
 def test_leader_commit_needs_quorum():

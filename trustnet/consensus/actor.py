@@ -55,6 +55,7 @@ from .core import (
     RaftCore,
     ReadState,
     Ready,
+    must_sync,
 )
 from .messages import ALL_MESSAGES as RAFT_MESSAGES
 
@@ -201,6 +202,7 @@ class ConsensusConfig:
     stop_transfer_timeout: float = 1.0  # on_stop: bounded leadership hand-over
     io_in_thread: bool = True  # fsyncs off the event loop; the sim sets False (determinism)
     max_apply_batch: int = 512  # committed entries per registry transaction
+    send_while_persisting: bool = True  # a leader sends appends before its own fsync ends
 
     @property
     def election_timeout(self) -> float:
@@ -415,11 +417,21 @@ class ConsensusActor(Actor):
         return fn(*args)
 
     async def _process(self, rd: Ready, term: int) -> None:
-        # 1. durable before anything that depends on it leaves
-        await self._io(self.storage.apply, rd)
+        # 1. durable before anything that depends on it leaves, except that a
+        # leader's appends may leave while its own copy is written (the core
+        # counts our copy only once advance() says it is durable)
+        early = self._may_send_early(rd)
+        if early:
+            for m in rd.messages:
+                self._send(m)
+        if must_sync(rd, self.storage.hard_state):
+            await self._io(self.storage.apply, rd)
+        else:
+            self.storage.apply(rd)  # no write worth a thread
         # 2. send
-        for m in rd.messages:
-            self._send(m)
+        if not early:
+            for m in rd.messages:
+                self._send(m)
         # 3. restore, apply
         if rd.snapshot is not None:
             snap = rd.snapshot
@@ -442,6 +454,15 @@ class ConsensusActor(Actor):
             self._on_soft_state(rd.soft_state.role, term)
         if rd.committed or rd.snapshot is not None or rd.soft_state is not None:
             self._notify()
+
+    def _may_send_early(self, rd: Ready) -> bool:
+        """A leader's messages do not depend on its own new entries being on
+        disk (thesis §10.2.1); they do on its term and vote, so not when those
+        change (stepping down) or a snapshot is being installed."""
+        if self.core.role != LEADER or rd.snapshot is not None or not self.cfg.send_while_persisting:
+            return False
+        hs, stored = rd.hard_state, self.storage.hard_state
+        return hs is None or (hs.term, hs.vote) == (stored.term, stored.vote)
 
     def _send(self, m: Any) -> None:
         address = self.addresses.get(m.to_id)

@@ -167,6 +167,16 @@ class Ready:
         return self.entries[0].index if self.entries else None
 
 
+def must_sync(rd: Ready, stored: HardState) -> bool:
+    """Whether persisting `rd` needs a durable write (etcd's MustSync): new
+    entries, a snapshot, or a new term or vote. A commit index alone does
+    not: it is learnt again from the leader or from the applied index."""
+    if rd.entries or rd.snapshot is not None:
+        return True
+    hs = rd.hard_state
+    return hs is not None and (hs.term, hs.vote) != (stored.term, stored.vote)
+
+
 def encode_conf_change(cc: ConfChange) -> bytes:
     import orjson  # local: only conf entries need it
 
@@ -367,9 +377,11 @@ class RaftCore:
         hs = st.hard_state
         self.term = hs.term
         self.vote = hs.vote
-        self.commit = max(hs.commit, self._snap_index)
         self.applied = st.applied if st.applied is not None else self._snap_index
         self.applied = max(self.applied, self._snap_index)
+        # The stored commit may lag (must_sync: a commit-only change is not
+        # worth an fsync); what the state machine applied was committed.
+        self.commit = max(hs.commit, self._snap_index, min(self.applied, self.last_index))
         if self.commit > self.last_index:
             raise ValueError("stored commit is ahead of the stored log")
         self._prev_hard = HardState() if bootstrap else HardState(self.term, self.vote, self.commit)
@@ -485,7 +497,7 @@ class RaftCore:
             if v not in self.voters:
                 del self.progress[v]
         if self.id in self.progress:
-            self.progress[self.id].match = self.last_index
+            self.progress[self.id].match = self._stabled
         if self.lead_transferee is not None and self.lead_transferee not in self.voters:
             self.lead_transferee = None
         self._maybe_commit()
@@ -855,10 +867,9 @@ class RaftCore:
         self._entries.append(e)
         if kind == "conf":
             self._recompute_config()
-        if self.id in self.progress:
-            # Our own entries count as durable: the commit index they produce
-            # is only persisted/acted upon in a Ready that persists them too.
-            self.progress[self.id].match = e.index
+        # Our own vote for the entry counts once it is durable (advance()), so
+        # the shell may send it to followers while it is still being written
+        # (thesis §10.2.1); a majority of followers can commit it before that.
         self._maybe_commit()
         return e.index
 
@@ -1040,6 +1051,10 @@ class RaftCore:
             # replaced it after ready() and then it must be persisted again.
             if last.index > self._stabled and self.term_at(last.index) == last.term:
                 self._stabled = last.index
+                if self.role == LEADER and self.id in self.progress:
+                    pr = self.progress[self.id]
+                    pr.match = max(pr.match, self._stabled)
+                    self._maybe_commit()
         if rd.committed:
             self.applied = max(self.applied, rd.committed[-1].index)
 

@@ -53,7 +53,9 @@ class Replica:
 
 def open_stores(spec: ReplicaSpec) -> tuple[Any, RegistryState]:
     """Open (or create) the Raft log and the registry of `spec`."""
-    state = RegistryState.open(spec.registry_path)
+    # The Raft log (synchronous=FULL) is the durable record; the registry is
+    # rebuilt from it past whatever a power cut took back.
+    state = RegistryState.open(spec.registry_path, fsync_each_commit=False)
     try:
         storage = (MemoryStorage() if spec.raft_path is None
                    else SqliteRaftStorage(spec.raft_path, node_id=spec.id))

@@ -8,7 +8,7 @@ for the other:
     core = RaftCore("n1", voters, rng=rng, storage=storage.load(applied=registry.applied_index))
     ...
     rd = core.ready()
-    storage.save_ready(rd)    # ONE transaction, fsync'd (synchronous=FULL)
+    storage.save_ready(rd)    # ONE transaction, fsync'd unless only the commit moved
     send(rd.messages)         # only now
     ...
     core.compact(i, data); storage.compact(i, data)
@@ -21,10 +21,13 @@ Its own file, beside registry.db (not tables inside it), because:
   a long apply batch or a registry snapshot never delays a log append, and
   the shell may run the two fsyncs in different threads;
 - nothing needs to be atomic across the two. The Ready contract orders them
-  (entries and commit durable in step 1, applied in step 3), and the applied
-  index lives with the registry rows it describes. After a crash at any
-  point: registry applied <= raft commit (commit is made durable before its
-  entries are applied); a snapshot stored here may be ahead of the registry
+  (entries durable in step 1, applied in step 3), and the applied index
+  lives with the registry rows it describes. After a crash at any point:
+  the registry's applied index may be ahead of the stored commit (a commit
+  index alone is written without an fsync, see core.must_sync; the core
+  takes the larger); a replica's registry (synchronous=NORMAL) may lose its
+  last transactions to a power cut, and they are applied again from this
+  log; a snapshot stored here may be ahead of the registry
   (crash between storing a received snapshot and restoring it), and then the
   shell restores the registry from `storage.snapshot` before building the core;
 - compaction deletes log rows in bulk; it touches neither the registry's
@@ -46,6 +49,7 @@ change within a term.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sqlite3
 import threading
@@ -54,7 +58,7 @@ from typing import Callable, Iterable
 
 import orjson
 
-from .core import HardState, PersistedState, Ready, Snapshot, decode_conf_change
+from .core import HardState, PersistedState, Ready, Snapshot, decode_conf_change, must_sync
 from .messages import ENTRY_KINDS, Entry
 
 __all__ = ["RaftStorageError", "SqliteRaftStorage"]
@@ -312,7 +316,7 @@ class SqliteRaftStorage:
                     raise AssertionError(f"persisted commit going back: {old.commit} -> {hs.commit}")
 
             conn = self._conn
-            with self._transaction():
+            with self._transaction(durable=must_sync(rd, old)):
                 if snap is not None:
                     conn.execute("DELETE FROM entries")
                     self._write_snapshot(snap)
@@ -399,8 +403,23 @@ class SqliteRaftStorage:
         if self.fault_hook is not None:
             self.fault_hook(stage)
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._conn)
+    def _transaction(self, durable: bool = True) -> contextlib.AbstractContextManager:
+        if durable:
+            return _Transaction(self._conn)
+        return self._unsynced_transaction()
+
+    @contextlib.contextmanager
+    def _unsynced_transaction(self):
+        """Written to the file but not fsync'd: for a change that is never
+        needed for safety (a commit index alone, see core.must_sync). A later
+        synced commit of the WAL makes it durable with it."""
+        level = self._conn.execute("PRAGMA synchronous").fetchone()[0]
+        self._conn.execute("PRAGMA synchronous = OFF")
+        try:
+            with _Transaction(self._conn):
+                yield
+        finally:
+            self._conn.execute(f"PRAGMA synchronous = {int(level)}")
 
 
 class _Transaction:

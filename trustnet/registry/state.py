@@ -219,15 +219,21 @@ class RegistryState:
     # ------------------------------------------------------------ lifecycle
 
     @classmethod
-    def open(cls, path: str) -> RegistryState:
+    def open(cls, path: str, *, fsync_each_commit: bool = True) -> RegistryState:
         """Open (creating if empty) the registry at `path`; ":memory:" is allowed.
+
+        fsync_each_commit=False (synchronous=NORMAL) is for a replica, whose
+        Raft log is the durable record: a transaction is still atomic and
+        survives the process dying, and what a power cut takes back (the last
+        transactions and the applied index with them) is applied again from
+        the log on restart. A lone registry has no log behind it: FULL.
 
         Raises DatabaseUnavailable or NotARegistryDatabase with the path and why.
         """
         conn = _connect(path)
         try:
             db = sqlite_utils.Database(conn, execute_plugins=False)
-            applied = _prepare(db, path)
+            applied = _prepare(db, path, "FULL" if fsync_each_commit else "NORMAL")
         except sqlite3.DatabaseError as exc:
             conn.close()
             raise _storage_error(path, exc) from exc
@@ -729,7 +735,7 @@ def _unopenable(path: str) -> str | None:
     return None
 
 
-def _prepare(db: sqlite_utils.Database, path: str) -> int:
+def _prepare(db: sqlite_utils.Database, path: str, synchronous: str) -> int:
     """Set the connection up, create or verify the schema; the applied index."""
     conn = db.conn
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
@@ -738,7 +744,7 @@ def _prepare(db: sqlite_utils.Database, path: str) -> int:
     applied = _verify(conn, path, tables) if tables else None
     # WAL only after verifying: it rewrites the header of whatever file this is.
     conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = FULL")
+    conn.execute(f"PRAGMA synchronous = {synchronous}")
     applied = _create_schema(conn) if applied is None else applied
     with _Transaction(conn):  # additive: registries created before these tables get them
         for statement in (_SESSIONS_SCHEMA + _IDENTITIES_SCHEMA).split(";"):
