@@ -10,8 +10,13 @@ order core.py prescribes:
     persist (snapshot + entries + hard state, one transaction)
     -> send -> restore snapshot / apply committed -> serve reads -> advance
 
-so a message never leaves before what it depends on is durable, and a write
-is answered only after it is committed and applied here.
+so a message never leaves before what it depends on is durable (a leader's
+appends excepted: they leave while its own copy is written, see
+_may_send_early), and a write is answered only after it is committed and
+applied here. Restores, applies and reads go, in order, to an apply task
+through a bounded queue, so the next Ready's fsync and sends overlap this
+one's registry transaction (etcd applies in its own goroutine too); the apply
+task also takes the registry snapshots the driver compacts the log with.
 
 Requests (asks; every refusal below is retryable with the same request_id,
 which client sessions make safe):
@@ -203,6 +208,8 @@ class ConsensusConfig:
     io_in_thread: bool = True  # fsyncs off the event loop; the sim sets False (determinism)
     max_apply_batch: int = 512  # committed entries per registry transaction
     send_while_persisting: bool = True  # a leader sends appends before its own fsync ends
+    apply_queue: int = 64  # Ready parts handed to the apply task before the driver waits
+    inline_apply_max: int = 16  # committed entries applied on the event loop, not in a thread
 
     @property
     def election_timeout(self) -> float:
@@ -280,6 +287,9 @@ class ConsensusActor(Actor):
         self._read_ctx = itertools.count(1)
         self._compacted_at = 0
         self._in_flight: Ready | None = None  # a Ready between ready() and advance()
+        # -> the apply task: ("restore", Snapshot) | ("apply", entries) | ("reads", states)
+        self._applier: trio.MemorySendChannel | None = None
+        self._snapshot_taken: tuple[int, bytes] | None = None  # for _maybe_compact
 
     # ------------------------------------------------------------ lifecycle
 
@@ -292,6 +302,8 @@ class ConsensusActor(Actor):
         self.core = RaftCore(self.id, self.voters, rng=self.rng,
                              storage=self.storage.state(applied=self.state.applied_index),
                              config=self.cfg.raft)
+        self._applier, items = trio.open_memory_channel(self.cfg.apply_queue)
+        self.nursery.start_soon(self._apply_loop, items)
         self.nursery.start_soon(self._tick_loop)
         self.nursery.start_soon(self._drive_loop)
         self._kick()  # a founding member's bootstrap entry is persisted at once
@@ -305,6 +317,7 @@ class ConsensusActor(Actor):
         """Graceful stop of a leader: hand leadership to the most caught-up
         voter (TimeoutNow), bounded, so the cluster does not wait an election
         timeout. Our helper tasks are gone by now, so drive the core here."""
+        self._applier = None  # the apply task is gone with the nursery
         core = self.core
         if self.abandoned or core is None or core.role != LEADER:
             return
@@ -432,28 +445,45 @@ class ConsensusActor(Actor):
         if not early:
             for m in rd.messages:
                 self._send(m)
-        # 3. restore, apply
-        if rd.snapshot is not None:
-            snap = rd.snapshot
-            await self._io(self.state.restore, snap.data, snap.index)
-            self._compacted_at = max(self._compacted_at, snap.index)
-            for index in [i for i in self._proposals if i <= snap.index]:
-                self._proposals.pop(index).fail(CommitUnknown(
-                    f"entry {index} was covered by a snapshot from the leader"))
-            if self.observer is not None:
-                self.observer.applied(self.id, snap.index, self.state)
-        if rd.committed:
-            await self._apply(rd.committed)
-        # 4. reads (their index is applied now)
-        self._serve_reads(rd.read_states)
+        # 3. restore, apply, 4. serve reads (their index is applied by then):
+        # in order, by the apply task, so that the next Ready's fsync and
+        # sends do not wait for this one's registry transaction
+        work = [(k, v) for k, v in (("restore", rd.snapshot), ("apply", rd.committed),
+                                    ("reads", rd.read_states)) if v]
+        if self._applier is not None:
+            for item in work:
+                await self._applier.send(item)
+        else:  # stopping: the apply task is gone
+            for item in work:
+                await self._apply_one(*item)
         # 5.
         self.core.advance(rd)
         if rd.entries:
             self._fail_overwritten()
         if rd.soft_state is not None:
             self._on_soft_state(rd.soft_state.role, term)
-        if rd.committed or rd.snapshot is not None or rd.soft_state is not None:
             self._notify()
+
+    async def _apply_loop(self, items: trio.MemoryReceiveChannel) -> None:
+        async for kind, value in items:
+            await self._apply_one(kind, value)
+            if kind != "reads":
+                self._notify()
+                await self._maybe_snapshot()
+
+    async def _apply_one(self, kind: str, value: Any) -> None:
+        if kind == "restore":
+            await self._io(self.state.restore, value.data, value.index)
+            self._compacted_at = max(self._compacted_at, value.index)
+            for index in [i for i in self._proposals if i <= value.index]:
+                self._proposals.pop(index).fail(CommitUnknown(
+                    f"entry {index} was covered by a snapshot from the leader"))
+            if self.observer is not None:
+                self.observer.applied(self.id, value.index, self.state)
+        elif kind == "apply":
+            await self._apply(value)
+        else:
+            self._serve_reads(value)
 
     def _may_send_early(self, rd: Ready) -> bool:
         """A leader's messages do not depend on its own new entries being on
@@ -480,7 +510,12 @@ class ConsensusActor(Actor):
         step = self.cfg.max_apply_batch
         for k in range(0, len(items), step):
             chunk = items[k:k + step]
-            results = await self._io(self.state.apply_batch, chunk)
+            if len(chunk) <= self.cfg.inline_apply_max:
+                # A replica's registry commits without fsync: a small batch
+                # costs less than the round trip to a worker thread.
+                results = self.state.apply_batch(chunk)
+            else:
+                results = await self._io(self.state.apply_batch, chunk)
             if self.observer is not None:
                 self.observer.applied(self.id, chunk[-1][0], self.state)
             for (index, _), result in zip(chunk, results):
@@ -520,12 +555,23 @@ class ConsensusActor(Actor):
             for slot in reads.values():
                 slot.fail(NotLeaderHere("leadership lost during the read"))
 
-    async def _maybe_compact(self) -> None:
-        applied = self.state.applied_index
-        if applied - self._compacted_at < self.cfg.snapshot_threshold:
+    async def _maybe_snapshot(self) -> None:
+        """(apply task) Take a registry snapshot once enough was applied since
+        the last; the driver compacts the log with it between two Readys."""
+        if (self._snapshot_taken is not None
+                or self.state.applied_index - self._compacted_at < self.cfg.snapshot_threshold):
             return
         data = await self._io(self.state.snapshot)
-        index = self.state.applied_index  # == applied: nothing applies while we await
+        # The apply task is the only writer: nothing was applied meanwhile.
+        self._snapshot_taken = (self.state.applied_index, data)
+        self._kick()
+
+    async def _maybe_compact(self) -> None:
+        if self._snapshot_taken is None:
+            return
+        (index, data), self._snapshot_taken = self._snapshot_taken, None
+        if index <= self._compacted_at:
+            return  # a snapshot from the leader got there first
         self.core.compact(index, data)
         # The core keeps the snapshot it sends to laggards; persist that same one.
         await self._io(self.storage.compact, self.core._snapshot)
