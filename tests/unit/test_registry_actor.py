@@ -17,7 +17,7 @@ import trio
 
 from actors import ActorSystem, Letter, Reply
 from trustnet.registry import messages as m
-from trustnet.registry.actor import RegistryActor
+from trustnet.registry.actor import RegistryActor, _iso
 from trustnet.registry.commands import CheckpointLeases, Conflict, NotFound
 from trustnet.registry.state import RegistryState
 
@@ -532,3 +532,20 @@ async def test_pages_follow_the_cursor(state, clock, autojump_clock):
             if after is None:
                 break
         assert seen == [f"n{i:02d}" for i in range(25)]
+
+
+def test_iso_timestamps_match_datetime_to_the_microsecond():
+    """_iso formats per second from a cache and rounds the microseconds itself:
+    it must agree with datetime everywhere, the carries included."""
+    import random
+    from datetime import UTC, datetime
+
+    rng = random.Random(7)
+    values = ([rng.uniform(0, 4e9) for _ in range(20_000)]
+              + [k + 0.9999995 for k in range(2_000)] + [k + 5e-7 for k in range(2_000)]
+              + [k * 1.5e-6 for k in range(2_000)] + [0.0, 1e-7, 999_999.9999999])
+    for t in values:
+        want = datetime.fromtimestamp(t, UTC).isoformat(timespec="microseconds")[:-6] + "Z"
+        assert _iso(t) == want, t
+    assert _iso(None) is None
+
