@@ -247,10 +247,18 @@ def encode(env: Envelope) -> bytes:
 
 def decode(frame: bytes | str) -> Envelope:
     """The Envelope in a frame; ProtocolError for anything malformed."""
+    return envelope_from_json(loads(frame))
+
+
+def loads(frame: bytes | str) -> Any:
     try:
-        data = orjson.loads(frame)
+        return orjson.loads(frame)
     except orjson.JSONDecodeError as exc:
         raise ProtocolError(f"frame is not JSON: {exc}") from None
+
+
+def envelope_from_json(data: Any) -> Envelope:
+    """The Envelope in a parsed frame; ProtocolError for anything malformed."""
     if not isinstance(data, dict):
         raise ProtocolError("frame must be a JSON object")
     if set(data) != {"from", "to", "kind", "cid", "body"}:

@@ -577,22 +577,23 @@ def _raw_heartbeats(socks: list[socket.socket], frames: list[list[bytes]], infli
                     continue
                 if opcode != 1:
                     continue
-                env = orjson.loads(payload)
-                t = st["sent"].pop(env.get("cid"), None)
-                if t is None:
-                    # not an answer to this run's asks: the registry flushed a reply
-                    # queued for an earlier connection with the same address
-                    stray += 1
-                    continue
-                answered += 1
-                if win_lo <= now < win_hi:
-                    if env.get("kind") == "reply":
-                        done += 1
-                        if t is not None:
+                data = orjson.loads(payload)
+                # one envelope, or a batch of them (what queued up in the registry)
+                for env in data if isinstance(data, list) else (data,):
+                    t = st["sent"].pop(env.get("cid"), None)
+                    if t is None:
+                        # not an answer to this run's asks: the registry flushed a reply
+                        # queued for an earlier connection with the same address
+                        stray += 1
+                        continue
+                    answered += 1
+                    if win_lo <= now < win_hi:
+                        if env.get("kind") == "reply":
+                            done += 1
                             lat.append(perf() - t)
-                    else:
-                        body = env.get("body") or {}
-                        errors[f"error {body.get('code') or body.get('type') or '?'}"] += 1
+                        else:
+                            body = env.get("body") or {}
+                            errors[f"error {body.get('code') or body.get('type') or '?'}"] += 1
             del buf[:pos]
             if answered:
                 push_cids(st, answered)

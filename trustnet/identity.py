@@ -117,8 +117,18 @@ class ReplayGuard:
 
     def check(self, stmt: dict[str, Any], public_key: str, purpose: str,
               now: float | None = None) -> dict[str, Any]:
-        """The statement's body if it is genuine, fresh and new; else IdentityError."""
+        """The statement's body if it is genuine, fresh and new; else IdentityError.
+
+        The same as precheck(), then signature_ok() (the costly part, which
+        touches no state: a batch may run in a worker thread), then admit()."""
         now = time.time() if now is None else now
+        self.precheck(stmt, purpose, now)
+        if not self.signature_ok(stmt, public_key):
+            raise self.forged(stmt)
+        return self.admit(stmt, now)
+
+    def precheck(self, stmt: dict[str, Any], purpose: str, now: float) -> None:
+        """Shape, purpose, timestamp and nonce; IdentityError if any is wrong."""
         if set(stmt) != {"purpose", "node_id", "ts", "nonce", "body", "sig"}:
             raise IdentityError("a statement has exactly purpose, node_id, ts, nonce, body, sig")
         if stmt["purpose"] != purpose:
@@ -128,13 +138,24 @@ class ReplayGuard:
             raise IdentityError(f"statement timestamp is not within {self.max_skew:.0f}s of now")
         if not isinstance(nonce, str) or not 8 <= len(nonce) <= 64:
             raise IdentityError("statement nonce must be a string of 8..64 characters")
-        if not isinstance(stmt["sig"], str) or not verify(public_key, canonical(stmt), stmt["sig"]):
-            raise IdentityError(f"signature of {stmt['node_id']!r} does not verify "
-                                "with its registered key")
-        key = (str(stmt["node_id"]), nonce)
+
+    @staticmethod
+    def signature_ok(stmt: dict[str, Any], public_key: str) -> bool:
+        """Whether `public_key` signed the (prechecked) statement."""
+        return isinstance(stmt["sig"], str) and verify(public_key, canonical(stmt), stmt["sig"])
+
+    @staticmethod
+    def forged(stmt: dict[str, Any]) -> IdentityError:
+        return IdentityError(f"signature of {stmt['node_id']!r} does not verify "
+                             "with its registered key")
+
+    def admit(self, stmt: dict[str, Any], now: float) -> dict[str, Any]:
+        """Record a prechecked, verified statement's nonce; IdentityError if it
+        was seen before (a replay). Its body."""
+        key = (str(stmt["node_id"]), stmt["nonce"])
         if key in self._seen:
             raise IdentityError("statement was already used (replay)")
-        self._seen[key] = ts
+        self._seen[key] = stmt["ts"]
         self._prune(now)
         return stmt["body"]
 

@@ -463,6 +463,49 @@ async def test_a_bad_report_in_a_batch_fails_only_itself(env):
     assert results == {"bad": "bad_statement", "good": {"ok": True, "recorded": True}}
 
 
+async def test_a_batch_of_signed_heartbeats_fails_only_its_bad_ones(env, monkeypatch):
+    """Queued together, signed heartbeats are checked as one batch whose
+    signatures are verified in a worker thread: each answer is still its own."""
+    import trustnet.registry.actor as registry_actor
+
+    threads: list[int] = []
+    real = registry_actor.trio.to_thread.run_sync
+
+    async def counting(fn, *args, **kw):
+        threads.append(len(args[0]))
+        return await real(fn, *args, **kw)
+
+    monkeypatch.setattr(registry_actor.trio.to_thread, "run_sync", counting)
+    nodes = [await env.registered(f"n{k}", k + 1) for k in range(8)]
+    replayed = nodes[1].heartbeat()
+    letters = {f"ok{k}": node.heartbeat() for k, node in enumerate(nodes)}
+    letters |= {
+        "forged": nodes[2].heartbeat(signer=NodeIdentity.generate()),
+        "replay1": replayed, "replay2": replayed,
+        "stale": nodes[3].heartbeat(ts_offset=-3600),
+        "unbound": env.node("ghost", 99).heartbeat(),
+        "garbage": SignedHeartbeat("{not json"),
+    }
+    results: dict[str, Any] = {}
+
+    async def ask(key: str, msg: Any) -> None:
+        try:
+            results[key] = (await env.ask(msg))["node_id"]
+        except Refused as exc:
+            results[key] = exc.code
+
+    async with trio.open_nursery() as nursery:  # queued together: one batch
+        for key, msg in letters.items():
+            nursery.start_soon(ask, key, msg)
+    assert {k: results[k] for k in letters if k.startswith("ok")} == {
+        f"ok{k}": f"n{k}" for k in range(8)}
+    assert sorted([results["replay1"], results["replay2"]]) == ["bad_statement", "n1"]
+    assert {k: results[k] for k in ("forged", "stale", "unbound", "garbage")} == {
+        "forged": "bad_statement", "stale": "bad_statement", "unbound": "bad_statement",
+        "garbage": "bad_statement"}
+    assert threads and max(threads) >= registry_actor.VERIFY_IN_THREAD
+
+
 async def test_link_reports_feed_the_peers_reputation(env):
     reporters = [await env.registered(f"r{i}", i + 10) for i in range(4)]
     await env.registered("good", 1)

@@ -555,6 +555,30 @@ def test_binding_outlives_expiry_until_released(state, log):
         log.apply(ReleaseIdentity(node_id="nobody"))
 
 
+def test_the_key_cache_follows_binds_releases_rollbacks_and_restores(state, log):
+    """public_key_of answers from memory: it must never answer stale."""
+    assert state.public_key_of("n1") is None  # cached as unbound...
+    log.apply(reg("n1", "fd10::1", public_key="pk1"))
+    assert state.public_key_of("n1") == "pk1"  # ...and forgotten when bound
+    snap, at = state.snapshot(), state.applied_index
+    log.apply(ReleaseIdentity(node_id="n1"))
+    assert state.public_key_of("n1") is None
+    # A registration that binds a name but is refused (address taken) binds nothing.
+    log.apply(reg("n2", "fd10::2"))
+    assert state.public_key_of("n3") is None
+    with pytest.raises(Conflict):
+        log.apply(reg("n3", "fd10::2", public_key="pk3"))
+    assert state.public_key_of("n3") is None
+    # Restoring an older snapshot brings the old binding back.
+    state.restore(snap, at)
+    assert state.public_key_of("n1") == "pk1"
+    # The cache agrees with the table throughout.
+    for name in ("n1", "n2", "n3"):
+        row = state._conn.execute("SELECT public_key FROM identities WHERE node_id = ?",
+                                  [name]).fetchone()
+        assert state.public_key_of(name) == (row[0] if row else None)
+
+
 def test_unkeyed_names_stay_open(state, log):
     log.apply(reg("n1", "fd10::1"))
     assert log.apply(reg("n1", "fd10::2"))["ipv6"] == "fd10::2"

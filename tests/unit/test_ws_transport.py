@@ -34,6 +34,8 @@ from actors import (
 )
 from actors.ws import (
     WebsocketTransport,
+    batch_frames,
+    decode_frame,
     format_address,
     hello_frame,
     normalize_address,
@@ -266,6 +268,41 @@ async def test_wildcard_listener_serves_ipv6_and_where_allowed_ipv4(nodes):
     except OSError as exc:
         pytest.skip(f"no dual-stack on this host: {exc}")
     await stream.aclose()
+
+
+async def test_a_batch_of_envelopes_in_one_frame_is_served_in_order(nodes):
+    b = await nodes()
+    asks = [envelope({"$t": "test.ws.Echo", "text": f"t{k}"}, cid=k) for k in range(1, 6)]
+    with trio.fail_after(BOUND):
+        async with raw_client(b) as ws:
+            await ws.send_message(HELLO)
+            await ws.send_message(batch_frames(asks))
+            replies = []
+            while len(replies) < len(asks):
+                replies += decode_frame(await ws.get_message())
+    assert [(r.kind, r.cid, r.body) for r in replies] == [
+        ("reply", k, f"echo:t{k}") for k in range(1, 6)]
+
+
+async def test_a_burst_travels_in_fewer_frames_than_envelopes(pair, monkeypatch):
+    """What queues up behind a frame goes with it (and arrives in order)."""
+    a, b = pair
+    sent: list[str] = []
+    real = WebSocketConnection.send_message
+
+    async def counting(self, message):
+        sent.append(message)
+        await real(self, message)
+
+    assert await a.ref("echo", b).ask(Echo("up")) == "echo:up"  # the link is up
+    monkeypatch.setattr(WebSocketConnection, "send_message", counting)
+    recorder = a.ref("recorder", b)
+    for k in range(200):
+        recorder.tell_nowait(Record(str(k)))
+    # (same link, so the answer comes after all 200 were handled)
+    assert await recorder.ask(Recorded()) == [str(k) for k in range(200)]
+    assert sum(len(decode_frame(f)) for f in sent) == 202  # 200 tells, an ask, its reply
+    assert len(sent) < 100, len(sent)
 
 
 def test_hello_round_trip_and_rejects():
@@ -562,6 +599,8 @@ GARBAGE = {
     "oversized hello": (["x" * BIG], 1009),
     "not json": ([HELLO, "{not json"], 1002),
     "json array": ([HELLO, "[1, 2]"], 1002),
+    "empty batch": ([HELLO, "[]"], 1002),
+    "batch with one bad envelope": ([HELLO, f"[{envelope(ECHO)}, {{\"from\": 1}}]"], 1002),
     "missing envelope fields": ([HELLO, '{"from": "x", "to": "echo"}'], 1002),
     "unknown message tag": ([HELLO, envelope({"$t": "no.such.tag"})], 1002),
     "wrong field type": ([HELLO, envelope({"$t": "test.ws.Echo", "text": 5})], 1002),

@@ -59,6 +59,9 @@ WRITES = (m.Register, m.Deregister, m.CreateDomainReq, m.AddPeerReq, m.RemovePee
           m.ReleaseName, np.SignedRegister, np.LinkReport)
 LINK_STATES = ("open", "closed", "failed")
 MAX_BATCH = 512
+# Signed heartbeats waiting together at least this many: verified in a worker
+# thread (cryptography releases the GIL), fewer: here (a thread costs more).
+VERIFY_IN_THREAD = 4
 CHECKPOINT_CHUNK = 2000
 
 
@@ -115,12 +118,19 @@ class RegistryActor(Actor):
     # ------------------------------------------------------------ letters
 
     async def handle(self, letter: Letter) -> None:
+        while isinstance(letter.msg, np.SignedHeartbeat) and (
+                self.consensus is None or self.leader_term):
+            batch, after = self._gather(letter, np.SignedHeartbeat)
+            await self._signed_heartbeats(batch)
+            if after is None:
+                return
+            letter = after
         if self.consensus is not None and self._handle_replicated(letter):
             return
         if not isinstance(letter.msg, WRITES):
             await super().handle(letter)
             return
-        batch, after = self._gather_writes(letter)
+        batch, after = self._gather(letter, WRITES)
         try:
             self._commit(batch)
         except BaseException as exc:
@@ -131,8 +141,9 @@ class RegistryActor(Actor):
         if after is not None:
             await super().handle(after)
 
-    def _gather_writes(self, first: Letter) -> tuple[list[Letter], Letter | None]:
-        """The run of writes queued behind `first`, and the read that ended it."""
+    def _gather(self, first: Letter, kinds) -> tuple[list[Letter], Letter | None]:
+        """The run of letters of `kinds` queued behind `first`, and the one
+        of another kind that ended it."""
         box = self.system.mailbox_of(self.ref.name)
         batch = [first]
         while len(batch) < MAX_BATCH:
@@ -140,10 +151,38 @@ class RegistryActor(Actor):
                 letter = box.get_nowait()
             except trio.WouldBlock:
                 return batch, None
-            if not isinstance(letter.msg, WRITES):
+            if not isinstance(letter.msg, kinds):
                 return batch, letter
             batch.append(letter)
         return batch, None
+
+    async def _signed_heartbeats(self, batch: list[Letter]) -> None:
+        """Signed heartbeats, as a batch: the Ed25519 checks (most of the
+        cost) of a batch of VERIFY_IN_THREAD or more run in a worker thread,
+        while this process goes on reading and answering links."""
+        now = self.clock()
+        checked: list[tuple[Letter, dict, str]] = []
+        for letter in batch:
+            try:
+                stmt = self.gate.parse(letter.msg.statement)
+                key = self._bound_key(stmt["node_id"])
+                self.gate.precheck(stmt, "heartbeat", now)
+            except Refused as refusal:
+                letter.fail(refusal)
+                continue
+            checked.append((letter, stmt, key))
+        pairs = [(stmt, key) for _, stmt, key in checked]
+        if len(pairs) >= VERIFY_IN_THREAD:
+            verified = await trio.to_thread.run_sync(self.gate.verify_all, pairs)
+        else:
+            verified = self.gate.verify_all(pairs)
+        now = self.clock()
+        for (letter, stmt, _), ok in zip(checked, verified):
+            try:
+                self.gate.admit(stmt, ok, now)
+                letter.answer(self._renew(stmt["node_id"]))
+            except Refused as refusal:
+                letter.fail(refusal)
 
     def _commit(self, batch: list[Letter]) -> None:
         now = self.clock()
@@ -248,10 +287,6 @@ class RegistryActor(Actor):
                                   f"node {node_id!r} is bound to a key: its heartbeats must be "
                                   "signed statements", {"node_id": node_id})
                 return self._heartbeat(node_id)
-            case np.SignedHeartbeat(text):
-                stmt = self.gate.parse(text)
-                self.gate.check(stmt, self._bound_key(stmt["node_id"]), "heartbeat", self.clock())
-                return self._heartbeat(stmt["node_id"])
             case np.Candidates(node_id, limit):
                 return {"peers": self._candidates(node_id, limit)}
             case m.ReputationOf(node_id):
@@ -466,7 +501,11 @@ class RegistryActor(Actor):
             raise Refused("signature_required",
                           f"node {node_id!r} is bound to a key: its heartbeats must be "
                           "signed statements", {"node_id": node_id})
-        if node_id not in self.leases:
+        return self._renew(node_id)
+
+    def _renew(self, node_id: str) -> dict:
+        """A checked heartbeat renews the lease (on the leader, if replicated)."""
+        if self.consensus is not None and node_id not in self.leases:
             # Registered through another replica since this one took over.
             node = self._stored(node_id)
             if node is not None:

@@ -51,6 +51,28 @@ class StatementGate:
         except IdentityError as exc:
             raise BadStatement(str(exc), {"node_id": stmt.get("node_id")}) from None
 
+    # check() in three steps, for a batch whose signatures are verified in a
+    # worker thread: precheck each, verify_all, then admit each.
+
+    def precheck(self, stmt: dict[str, Any], purpose: str, now: float) -> None:
+        try:
+            self.guard.precheck(stmt, purpose, now)
+        except IdentityError as exc:
+            raise BadStatement(str(exc), {"node_id": stmt.get("node_id")}) from None
+
+    @staticmethod
+    def verify_all(checks: list[tuple[dict[str, Any], str]]) -> list[bool]:
+        """Signature checks of (prechecked statement, key) pairs; no shared state."""
+        return [ReplayGuard.signature_ok(stmt, key) for stmt, key in checks]
+
+    def admit(self, stmt: dict[str, Any], verified: bool, now: float) -> dict:
+        try:
+            if not verified:
+                raise ReplayGuard.forged(stmt)
+            return self.guard.admit(stmt, now)
+        except IdentityError as exc:
+            raise BadStatement(str(exc), {"node_id": stmt.get("node_id")}) from None
+
 
 def register_request(stmt: dict[str, Any]) -> m.Register:
     """The Register a signed registration asks for (its key signs it, see the actor)."""

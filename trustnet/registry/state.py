@@ -13,6 +13,7 @@ apply, and replaying an entry it already applied is a no-op.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import functools
 import hashlib
@@ -62,6 +63,7 @@ APP = "trustnet-registry"
 SCHEMA_VERSION = 1
 MAX_PAGE = 1000
 BUSY_TIMEOUT_MS = 5000
+KEY_CACHE_MAX = 1_000_000  # names whose key public_key_of keeps in memory
 # fromtimestamp() and ISO 8601 stop at year 9999; a bigger value must be
 # refused, not crash every replica that replays it.
 _MAX_SECONDS = 253402300799.0
@@ -204,6 +206,8 @@ class RegistryState:
         self._path = path
         self._applied = applied_index
         self._lock = threading.RLock()
+        self._keys: dict[str, str | None] = {}  # public_key_of's cache
+        self._keys_touched: set[str] = set()  # names bound/released by the batch under way
         self._handlers: dict[type, Callable[[Any], dict]] = {
             RegisterNode: self._register_node,
             DeleteNode: self._delete_node,
@@ -293,7 +297,7 @@ class RegistryState:
         _check_indices(items)
         applied = self._applied
         results: list[Any] = []
-        with self._transaction():
+        with self._transaction(), self._forget_touched_keys():
             for index, cmd in items:
                 if index <= applied:
                     results.append(AlreadyApplied)
@@ -310,6 +314,17 @@ class RegistryState:
                                    [applied])
         self._applied = applied
         return results
+
+    @contextlib.contextmanager
+    def _forget_touched_keys(self):
+        """Drop the cached keys of the names a batch bound or released, once
+        it committed or rolled back (public_key_of caches nothing meanwhile)."""
+        try:
+            yield
+        finally:
+            for node_id in self._keys_touched:
+                self._keys.pop(node_id, None)
+            self._keys_touched.clear()
 
     def _apply_one(self, cmd: Any) -> Any:
         handler = self._handlers.get(type(cmd))
@@ -384,6 +399,7 @@ class RegistryState:
         bound = self._scalar("SELECT public_key FROM identities WHERE node_id = ?", [node_id])
         if bound is None:
             if key is not None:
+                self._keys_touched.add(node_id)
                 self._conn.execute("INSERT INTO identities (node_id, public_key, bound_at) "
                                    "VALUES (?, ?, ?)", [node_id, key, at])
             return key
@@ -396,6 +412,7 @@ class RegistryState:
 
     def _release_identity(self, cmd: ReleaseIdentity) -> dict:
         node_id = _text(cmd.node_id, "node_id")
+        self._keys_touched.add(node_id)
         if not self._conn.execute("DELETE FROM identities WHERE node_id = ?", [node_id]).rowcount:
             raise NotFound(f"node name {node_id!r} is not bound to a key", {"node_id": node_id})
         self._conn.execute("UPDATE nodes SET public_key = NULL WHERE id = ?", [node_id])
@@ -415,9 +432,19 @@ class RegistryState:
         return {"updated": max(cur.rowcount, 0)}
 
     def public_key_of(self, node_id: str) -> str | None:
-        """The key a name is bound to (it outlives the node's lease)."""
+        """The key a name is bound to (it outlives the node's lease). Every
+        signed heartbeat asks: answered from memory, the SELECT runs once."""
         with self._lock:
-            return self._scalar("SELECT public_key FROM identities WHERE node_id = ?", [node_id])
+            try:
+                return self._keys[node_id]
+            except KeyError:
+                pass
+            key = self._scalar("SELECT public_key FROM identities WHERE node_id = ?", [node_id])
+            if not self._conn.in_transaction:  # (never cache what may roll back)
+                if len(self._keys) >= KEY_CACHE_MAX:
+                    self._keys.clear()
+                self._keys[node_id] = key
+            return key
 
     def _ensure_domain(self, name: str, at: str) -> str:
         domain_id = domain_id_for(name)
@@ -650,6 +677,8 @@ class RegistryState:
                 self._conn.execute("UPDATE meta SET value = ? WHERE key = 'applied_index'", [index])
         except sqlite3.IntegrityError as exc:
             raise ValueError(f"registry snapshot violates the schema: {exc}") from None
+        finally:
+            self._keys.clear()
         self._applied = index
 
     # ------------------------------------------------------------ helpers
