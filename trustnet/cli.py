@@ -85,42 +85,9 @@ def _registry_args(p: argparse.ArgumentParser) -> None:
 
 @command("registry", "run a registry replica (HTTP API, state, consensus)", _registry_args)
 def _registry(args: argparse.Namespace) -> int:
-    from trustnet.config import ConfigError, load_registry_config, redacted
-    from trustnet.logs import setup_logging
-    from trustnet.version import build_info
+    from trustnet.config import load_registry_config
 
-    try:
-        config = load_registry_config(args.config, os.environ)
-    except ConfigError as exc:
-        print(f"config error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    setup_logging("registry", config.logging.level, config.logging.format)
-    log = logging.getLogger("trustnet.cli")
-    log.info("config loaded", extra={"config_path": args.config, "config": redacted(config), **build_info()})
-
-    import importlib
-
-    import trio
-
-    try:
-        service = importlib.import_module("trustnet.registry.service")
-    except Exception:  # a broken install: say what is missing
-        log.critical("cannot load the registry service", exc_info=True)
-        return EXIT_FAILURE
-    try:
-        code = trio.run(service.serve, config)
-    except KeyboardInterrupt:
-        log.info("interrupted")
-        return EXIT_INTERRUPTED
-    except Exception:  # noqa: BLE001 - fail fast, the container restarts us
-        log.critical("registry failed", exc_info=True)
-        return EXIT_FAILURE
-    if code is None:
-        return EXIT_OK
-    if isinstance(code, bool) or not isinstance(code, int):
-        log.critical("registry service returned a non-int exit code", extra={"returned": repr(code)})
-        return EXIT_FAILURE
-    return code
+    return _run_service("registry", load_registry_config, args.config)
 
 
 # --------------------------------------------------------------------------- node
@@ -136,38 +103,52 @@ def _node_args(p: argparse.ArgumentParser) -> None:
 
 @command("node", "run a node: register, keep the lease, keep authenticated peer links", _node_args)
 def _node(args: argparse.Namespace) -> int:
+    from trustnet.node.config import load_node_config
+
+    return _run_service("node", load_node_config, args.config)
+
+
+def _run_service(name: str, load_config, config_path: str | None) -> int:
+    """Load the config (exit 2 if bad), set up logging, run trustnet.<name>.service
+    until it returns its exit code; anything it raises is a failure (exit 1:
+    fail fast, the container's restart policy takes over)."""
+    import importlib
+
     from trustnet.config import ConfigError, redacted
     from trustnet.logs import setup_logging
-    from trustnet.node.config import load_node_config
     from trustnet.version import build_info
 
     try:
-        config = load_node_config(args.config, os.environ)
+        config = load_config(config_path, os.environ)
     except ConfigError as exc:
         print(f"config error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    setup_logging("node", config.logging.level, config.logging.format)
+    setup_logging(name, config.logging.level, config.logging.format)
     log = logging.getLogger("trustnet.cli")
-    log.info("config loaded", extra={"config_path": args.config, "config": redacted(config), **build_info()})
-
-    import importlib
+    log.info("config loaded", extra={"config_path": config_path, "config": redacted(config),
+                                     **build_info()})
 
     import trio
 
     try:
-        service = importlib.import_module("trustnet.node.service")
-    except Exception:
-        log.critical("cannot load the node service", exc_info=True)
+        service = importlib.import_module(f"trustnet.{name}.service")
+    except Exception:  # a broken install: say what is missing
+        log.critical(f"cannot load the {name} service", exc_info=True)
         return EXIT_FAILURE
     try:
         code = trio.run(service.serve, config)
     except KeyboardInterrupt:
         log.info("interrupted")
         return EXIT_INTERRUPTED
-    except Exception:  # noqa: BLE001 - fail fast, the container restarts us
-        log.critical("node failed", exc_info=True)
+    except Exception:  # noqa: BLE001
+        log.critical(f"{name} failed", exc_info=True)
         return EXIT_FAILURE
-    return code if isinstance(code, int) and not isinstance(code, bool) else EXIT_FAILURE
+    if code is None:
+        return EXIT_OK
+    if isinstance(code, bool) or not isinstance(code, int):
+        log.critical(f"{name} service returned a non-int exit code", extra={"returned": repr(code)})
+        return EXIT_FAILURE
+    return code
 
 
 DEFAULT_NODE_API = "http://[::1]:9100"

@@ -58,6 +58,8 @@ from typing import Callable, Iterable
 
 import orjson
 
+from trustnet.sqlite import Transaction
+
 from .core import HardState, PersistedState, Ready, Snapshot, decode_conf_change, must_sync
 from .messages import ENTRY_KINDS, Entry
 
@@ -405,7 +407,7 @@ class SqliteRaftStorage:
 
     def _transaction(self, durable: bool = True) -> contextlib.AbstractContextManager:
         if durable:
-            return _Transaction(self._conn)
+            return Transaction(self._conn)
         return self._unsynced_transaction()
 
     @contextlib.contextmanager
@@ -416,34 +418,10 @@ class SqliteRaftStorage:
         level = self._conn.execute("PRAGMA synchronous").fetchone()[0]
         self._conn.execute("PRAGMA synchronous = OFF")
         try:
-            with _Transaction(self._conn):
+            with Transaction(self._conn):
                 yield
         finally:
             self._conn.execute(f"PRAGMA synchronous = {int(level)}")
-
-
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
-
-    def __init__(self, conn: sqlite3.Connection):
-        self._conn = conn
-
-    def __enter__(self) -> None:
-        self._conn.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: type | None, *rest: object) -> None:
-        if exc_type is None:
-            try:
-                self._conn.execute("COMMIT")
-                return
-            except BaseException:
-                self._rollback()
-                raise
-        self._rollback()
-
-    def _rollback(self) -> None:
-        if self._conn.in_transaction:
-            self._conn.execute("ROLLBACK")
 
 
 def _connect(path: str) -> sqlite3.Connection:

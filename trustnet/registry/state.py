@@ -31,6 +31,7 @@ import sqlite_utils
 
 from actors.codec import error_body, error_from_body
 from actors.errors import Refused
+from trustnet.sqlite import Transaction
 
 from .commands import (
     AddPeer,
@@ -368,8 +369,8 @@ class RegistryState:
             raise KeyError(request_id)
         return _session_result(row[0])
 
-    def _transaction(self) -> _Transaction:
-        return _Transaction(self._conn)
+    def _transaction(self) -> Transaction:
+        return Transaction(self._conn)
 
     # ------------------------------------------------------------ handlers
 
@@ -709,31 +710,6 @@ class RegistryState:
             params))
 
 
-class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception."""
-
-    def __init__(self, conn: sqlite3.Connection):
-        self._conn = conn
-
-    def __enter__(self) -> None:
-        # IMMEDIATE takes the write lock now, not halfway through a batch.
-        self._conn.execute("BEGIN IMMEDIATE")
-
-    def __exit__(self, exc_type: type | None, *rest: object) -> None:
-        if exc_type is None:
-            try:
-                self._conn.execute("COMMIT")
-                return
-            except BaseException:
-                self._rollback()
-                raise
-        self._rollback()
-
-    def _rollback(self) -> None:
-        if self._conn.in_transaction:
-            self._conn.execute("ROLLBACK")
-
-
 # ---------------------------------------------------------------- opening
 
 
@@ -775,7 +751,7 @@ def _prepare(db: sqlite_utils.Database, path: str, synchronous: str) -> int:
     conn.execute("PRAGMA journal_mode = WAL")
     conn.execute(f"PRAGMA synchronous = {synchronous}")
     applied = _create_schema(conn) if applied is None else applied
-    with _Transaction(conn):  # additive: registries created before these tables get them
+    with Transaction(conn):  # additive: registries created before these tables get them
         for statement in (_SESSIONS_SCHEMA + _IDENTITIES_SCHEMA).split(";"):
             if statement.strip():
                 conn.execute(statement)
@@ -783,7 +759,7 @@ def _prepare(db: sqlite_utils.Database, path: str, synchronous: str) -> int:
 
 
 def _create_schema(conn: sqlite3.Connection) -> int:
-    with _Transaction(conn):
+    with Transaction(conn):
         for statement in _SCHEMA.split(";"):
             if statement.strip():
                 conn.execute(statement)
