@@ -91,7 +91,8 @@ def address_of(name: str) -> str:
 
 
 class Cluster:
-    def __init__(self, seed: int, n: int, max_connections: int = 6):
+    def __init__(self, seed: int, n: int, max_connections: int = 6, rotate_interval: float = 20.0):
+        self.rotate_interval = rotate_interval
         self.net = SimNetwork(seed)
         self.seed = seed
         self.names = [f"n{i:02d}" for i in range(n)]
@@ -110,7 +111,13 @@ class Cluster:
 
         await self.net.start_process(nursery, REGISTRY, registry_main)
         for name in self.names:
-            await self.net.start_process(nursery, address_of(name), self._main(name))
+            await self.start_node(nursery, name)
+
+    async def start_node(self, nursery: trio.Nursery, name: str) -> None:
+        if name not in self.identities:
+            self.names.append(name)
+            self.identities[name] = NodeIdentity.generate()
+        await self.net.start_process(nursery, address_of(name), self._main(name))
 
     def _main(self, name: str):
         async def main(transport: SimTransport) -> None:
@@ -119,7 +126,8 @@ class Cluster:
                                 registry_address=REGISTRY, heartbeat_interval=5.0,
                                 startup_timeout=10.0, unreachable_timeout=30.0,
                                 request_timeout=2.0, max_connections=self.max_connections,
-                                peer_timeout=6.0, rotate_interval=20.0, seed=self.seed)
+                                peer_timeout=6.0, rotate_interval=self.rotate_interval,
+                                seed=self.seed)
             ctx = self.contexts[name] = NodeContext(params, self.identities[name], system)
             async with trio.open_nursery() as inner:
                 await inner.start(system.serve)
@@ -210,6 +218,31 @@ async def test_fifty_nodes_form_a_mesh_and_heal(seeded, autojump_clock):
         await settle(cluster, alive, limit=300)
         await broadcast_reaches_all(cluster, "n01", alive)
         assert all(code == 0 for code in cluster.exits.values()), cluster.exits
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_late_joiner_gets_in_when_every_node_is_full(seeded, autojump_clock):
+    """A mesh larger than max_connections settles with every node at its limit;
+    a node that joins then must not wait for a rotation to get a link."""
+    cluster = Cluster(seed=4, n=12, max_connections=3, rotate_interval=3600.0)
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery)
+        alive = list(cluster.names)
+        await settle(cluster, alive, limit=120)
+        full = lambda: all(len(cluster.mesh(n).links) == 3 for n in alive)  # noqa: E731
+        for _ in range(120):
+            if full():
+                break
+            await trio.sleep(1.0)
+        assert full(), {n: len(cluster.mesh(n).links) for n in alive}
+
+        start = trio.current_time()
+        await cluster.start_node(nursery, "late")
+        alive.append("late")
+        took = await settle(cluster, alive, limit=120)
+        assert trio.current_time() - start < 60 < cluster.rotate_interval
+        assert all(1 <= len(cluster.mesh(n).links) <= 3 for n in alive), took
+        await broadcast_reaches_all(cluster, "late", alive)
         nursery.cancel_scope.cancel()
 
 

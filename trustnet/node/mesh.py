@@ -9,7 +9,12 @@ kernel's actor messaging: LinkHello -> LinkChallenge (the acceptor proved its
 key), LinkProof -> ok (the dialler proved its key). Each side verifies the
 other's signature against the public key the registry lists for that name;
 a peer that fails is refused, logged, and reported as a failed link. Inbound
-handshakes beyond the limit are refused ("full"). When both sides dial each
+handshakes beyond the limit are refused ("full"), except from a dialler that
+has no link at all: once it has proved its key, a full node drops one of its
+own links at random to make room for it (at most once per `maintain_every`).
+Without that, in a mesh where every node is at its limit, which is where a
+mesh larger than max_connections settles, a node that joins late would wait
+for a rotation (minutes) to get a first link. When both sides dial each
 other at once, the dial from the smaller name wins ("dial_race").
 
 A lost link (three missed pongs) is closed, reported, and the peer is backed
@@ -76,6 +81,7 @@ class PendingIn:
     public_key: str
     address: str
     since: float
+    make_room: bool = False  # over the limit: a node without links, let in once proved
 
 
 class MeshActor(Actor):
@@ -96,6 +102,7 @@ class MeshActor(Actor):
         self.rng = node.rng("mesh")
         self.challenges = node.rng("challenge")
         self.last_rotate = 0.0
+        self.last_made_room = -float("inf")
         self.events: list[tuple[float, str, str]] = []  # (time, event, peer): for tests
 
     # ------------------------------------------------------------ lifecycle
@@ -255,8 +262,8 @@ class MeshActor(Actor):
         challenge = new_challenge(self.challenges)
         timeout = self.p.request_timeout
         try:
-            answer = await remote.ask(LinkHello(self.me, self.node.system.address, peer, challenge),
-                                      timeout=timeout)
+            answer = await remote.ask(LinkHello(self.me, self.node.system.address, peer, challenge,
+                                                links=len(self.links)), timeout=timeout)
             if not isinstance(answer, LinkChallenge) or answer.node_id != peer:
                 return self._failed(peer, "answered the hello with something else")
             if not check_proof(key, answer.signature, challenge, peer, self.me, peer):
@@ -315,21 +322,38 @@ class MeshActor(Actor):
             raise Refused("invalid", "a node does not link to itself")
         if peer in self.dialing and self.me < peer:
             raise Refused("dial_race", f"{self.me!r} is dialling {peer!r}")
-        self._check_room(peer)
+        isolated = hello.links == 0
+        self._check_room(peer, isolated)
         known = await self._lookup(peer)
         if known is None or not known.get("public_key"):
             raise Refused("unknown_peer", f"the registry lists no key for {peer!r}")
-        self._check_room(peer)
+        make_room = self._check_room(peer, isolated)
         challenge = new_challenge(self.challenges)
         self.pending_in[peer] = PendingIn(challenge, known["public_key"], hello.address,
-                                          trio.current_time())
+                                          trio.current_time(), make_room)
         signature = sign_challenge(self.node.identity, hello.challenge, self.me, peer, self.me)
         return LinkChallenge(self.me, signature, challenge)
 
-    def _check_room(self, peer: str) -> None:
-        if (peer not in self.links and peer not in self.pending_in
-                and self.occupied >= self.p.max_connections):
-            raise Refused("full", f"{self.me!r} has {self.p.max_connections} links already")
+    def _check_room(self, peer: str, isolated: bool) -> bool:
+        """Refused("full") if there is no room for `peer`; True if there is
+        only because a link will be dropped for it (it has none)."""
+        if (peer in self.links or peer in self.pending_in
+                or self.occupied < self.p.max_connections):
+            return False
+        if (isolated and self.links
+                and trio.current_time() - self.last_made_room >= self.p.maintain_every
+                and not any(pend.make_room for pend in self.pending_in.values())):
+            return True
+        raise Refused("full", f"{self.me!r} has {self.p.max_connections} links already")
+
+    async def _make_room(self, newcomer: str) -> None:
+        """Drop a random link (not the newcomer's) while over the limit."""
+        self.last_made_room = trio.current_time()
+        while len(self.links) > self.p.max_connections:
+            victim = self.rng.choice(sorted(p for p in self.links if p != newcomer))
+            log.info("dropping a link to make room for a node without links",
+                     extra={"peer": victim, "newcomer": newcomer})
+            await self._close(victim, "made room for a node without links", notify=True)
 
     async def _on_proof(self, proof: LinkProof) -> dict[str, bool]:
         peer = proof.node_id
@@ -348,6 +372,8 @@ class MeshActor(Actor):
         finally:
             if self.pending_in.get(peer) is pending:
                 del self.pending_in[peer]
+        if pending.make_room:
+            await self._make_room(peer)
         return {"ok": True}
 
     # ------------------------------------------------------------ links

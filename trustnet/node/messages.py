@@ -19,6 +19,7 @@ class LinkHello:
     address: str      # where the dialler's actors are reached
     target: str       # the name the dialler expects to reach
     challenge: str    # random, hex; the acceptor signs it
+    links: int = 0    # how many links the dialler has: one with none gets room
 
 
 @message("node.link.challenge")
