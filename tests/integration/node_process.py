@@ -30,16 +30,15 @@ import atexit
 import contextlib
 import os
 import secrets
-import signal
 import subprocess
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import orjson
 import trio
 import yaml
 
+from logged_process import LoggedProcess, ProcessExited
 from registry_process import TRUSTNET
 
 __all__ = [
@@ -68,7 +67,7 @@ def node_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-class NodeExited(AssertionError):
+class NodeExited(ProcessExited):
     """The node ended (or never got ready) when the test needed it running."""
 
 
@@ -150,18 +149,24 @@ def _merge(base: dict, over: Mapping[str, Any]) -> dict:
     return base
 
 
-class NodeProcess:
+class NodeProcess(LoggedProcess):
     """One ``trustnet node`` process listening (mesh) on ``address``.
 
     ``config`` is merged into the default test config (heartbeat 0.5 s,
     peer_timeout 1.5 s, ports 0). ``data_dir``: the node's key directory
     (default ``tmp_path/<name>-data``). ``node_id`` defaults to ``name``.
+
+    The log, waiting and stopping are :class:`LoggedProcess`'s.
     """
+
+    exited = NodeExited
+    stop_timeout = STOP_TIMEOUT
 
     def __init__(self, tmp_path: Path, name: str, address: str, *, registry_ws: str,
                  registry_url: str = "http://[::1]:8000", node_id: str | None = None,
                  data_dir: Path | str | None = None, config: Mapping[str, Any] | None = None,
                  env: Mapping[str, str] | None = None):
+        super().__init__()
         self.tmp_path = Path(tmp_path)
         self.name = name
         self.node_id = node_id or name
@@ -180,176 +185,35 @@ class NodeProcess:
         }
         self.config_path.write_text(yaml.safe_dump(_merge(doc, config or {})))
         self.env = node_env(env)
-        self.process: trio.Process | None = None
         self.api_url: str | None = None
         self.mesh_address: str | None = None
         self.public_key: str | None = None
-        self.lines: list[dict[str, Any]] = []
-        self.raw_lines: list[str] = []
-        self.stderr = bytearray()
-        self._changed = trio.Event()
-        self._stdout_done = trio.Event()
-        self._stderr_done = trio.Event()
 
     def __repr__(self) -> str:
         return f"NodeProcess({self.node_id!r}, {self.address}, rc={self.returncode})"
+
+    @property
+    def label(self) -> str:
+        return f"node {self.node_id}"
 
     # ------------------------------------------------------------ lifecycle
 
     async def launch(self, nursery: trio.Nursery) -> None:
         """Start the process without waiting for it to get ready."""
-        assert self.process is None, "started twice"
-        self.process = await trio.lowlevel.open_process(
-            [TRUSTNET, "node", "--config", str(self.config_path)],
-            env=self.env, cwd=str(self.tmp_path),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        )
-        nursery.start_soon(self._read_stdout)
-        nursery.start_soon(self._read_stderr)
+        await self._launch(nursery, [TRUSTNET, "node", "--config", str(self.config_path)],
+                           env=self.env, cwd=self.tmp_path)
 
     async def start(self, nursery: trio.Nursery, timeout: float = START_TIMEOUT) -> str:
         """Start it and wait until its local API listens; the API's base URL."""
         await self.launch(nursery)
-        try:
-            starting = await self.wait_for_log(lambda d: d.get("message") == "node starting",
-                                               timeout=timeout)
-            ready = await self.wait_for_log(lambda d: d.get("message") == "node API listening",
-                                            timeout=timeout)
-        except BaseException:
-            self.kill()
-            raise
+        starting, ready = await self._await_start("node starting", "node API listening",
+                                                  timeout=timeout)
         self.mesh_address = starting.get("address")
         self.public_key = starting.get("public_key")
-        self.api_url = f"http://[::1]:{_port_of(ready.get('binds'))}"
+        self.api_url = f"http://[::1]:{self._port_of(ready)}"
         return self.api_url
 
     @property
     def mesh_port(self) -> int:
         assert self.mesh_address is not None
         return int(self.mesh_address.rsplit(":", 1)[1].rstrip("/"))
-
-    async def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
-        proc = self._proc()
-        if proc.returncode is None:
-            proc.send_signal(sig)
-        return await self.wait(timeout)
-
-    async def wait(self, timeout: float = STOP_TIMEOUT) -> int:
-        """Wait for the process to end (and its output to be read); its exit code."""
-        proc = self._proc()
-        try:
-            with trio.fail_after(timeout):
-                code = await proc.wait()
-                await self._stdout_done.wait()
-                await self._stderr_done.wait()
-        except trio.TooSlowError:
-            self.kill()
-            raise NodeExited(f"node {self.node_id} did not exit within {timeout}s; "
-                             f"{self.describe()}") from None
-        return code
-
-    def kill(self) -> None:
-        """SIGKILL if still running (never raises)."""
-        if self.process is not None and self.process.returncode is None:
-            try:
-                self.process.kill()
-            except OSError:
-                pass
-
-    async def aclose(self) -> None:
-        """Kill if running and reap."""
-        if self.process is None:
-            return
-        self.kill()
-        with trio.move_on_after(STOP_TIMEOUT):
-            await self.process.wait()
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self.process is None else self.process.returncode
-
-    # ------------------------------------------------------------ logs
-
-    async def wait_for_log(self, predicate: Callable[[dict[str, Any]], bool], *,
-                           timeout: float = START_TIMEOUT, start: int = 0) -> dict[str, Any]:
-        i = start
-        with trio.move_on_after(timeout):
-            while True:
-                changed = self._changed
-                while i < len(self.lines):
-                    if predicate(self.lines[i]):
-                        return self.lines[i]
-                    i += 1
-                if self._stdout_done.is_set():
-                    await self._stderr_done.wait()
-                    raise NodeExited(f"node {self.node_id}: output ended without the awaited "
-                                     f"log line; {self.describe()}")
-                await changed.wait()
-        raise NodeExited(f"node {self.node_id}: no awaited log line within {timeout}s; "
-                         f"{self.describe()}")
-
-    def logs(self, message: str | None = None, **fields: Any) -> list[dict[str, Any]]:
-        return [d for d in self.lines
-                if (message is None or d.get("message") == message)
-                and all(d.get(k) == v for k, v in fields.items())]
-
-    def describe(self, tail: int = 30) -> str:
-        lines = "\n".join(self.raw_lines[-tail:])
-        return (f"exit code {self.returncode}; stderr: "
-                f"{bytes(self.stderr).decode(errors='replace')[-2000:]!r}; "
-                f"last stdout lines:\n{lines}")
-
-    # ------------------------------------------------------------ internals
-
-    def _proc(self) -> trio.Process:
-        assert self.process is not None, f"node {self.node_id} was not started"
-        return self.process
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def _read_stdout(self) -> None:
-        buf = b""
-        try:
-            async for chunk in self._proc().stdout:
-                buf += chunk
-                *complete, buf = buf.split(b"\n")
-                for raw in complete:
-                    self._add_line(raw)
-                if complete:
-                    self._notify()
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
-        finally:
-            if buf:
-                self._add_line(buf)
-            self._stdout_done.set()
-            self._notify()
-
-    def _add_line(self, raw: bytes) -> None:
-        self.raw_lines.append(raw.decode("utf-8", "replace"))
-        try:
-            doc = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return
-        if isinstance(doc, dict):
-            self.lines.append(doc)
-
-    async def _read_stderr(self) -> None:
-        try:
-            async for chunk in self._proc().stderr:
-                self.stderr += chunk
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
-        finally:
-            self._stderr_done.set()
-
-
-def _port_of(binds: Any) -> int:
-    if not isinstance(binds, list) or not binds:
-        raise NodeExited(f"'node API listening' has no binds: {binds!r}")
-    for bind in binds:
-        if isinstance(bind, str) and bind.startswith("http://[::1]:"):
-            return int(bind.rsplit(":", 1)[1].rstrip("/"))
-    raise NodeExited(f"no [::1] address among the binds {binds!r}")

@@ -11,11 +11,13 @@ from pathlib import Path
 
 import pytest
 
-# netns.py sits beside this file; make it importable however pytest imports
-# this directory (rootdir-relative or as a package).
+# netns.py sits beside this file, and builds on ../integration/logged_process.py;
+# make both importable however pytest imports this directory (rootdir-relative
+# or as a package).
 _HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
+for _dir in (str(Path(_HERE).parent / "integration"), _HERE):
+    if _dir not in sys.path:
+        sys.path.insert(0, _dir)
 
 import netns  # noqa: E402
 

@@ -63,6 +63,9 @@ import orjson
 import pytest
 import trio
 
+# tests/integration/logged_process.py; conftest.py puts tests/integration on sys.path.
+from logged_process import LoggedProcess, ProcessExited
+
 __all__ = [
     "DUMP_KEY",
     "HarnessError",
@@ -93,10 +96,6 @@ conftest adds its result (process logs) to the report of a failed test."""
 
 class HarnessError(RuntimeError):
     """A namespace, link, address or rule could not be set up."""
-
-
-class ProcessExited(AssertionError):
-    """A process ended (or stayed silent) when the test waited for a log line."""
 
 
 # --------------------------------------------------------------------------- availability
@@ -284,157 +283,33 @@ class HttpResponse:
 
 # --------------------------------------------------------------------------- processes
 
-class NsProcess:
+class NsProcess(LoggedProcess):
     """A process in a host's namespace, its stdout parsed line by line.
 
     ``lines``: every stdout line that is a JSON object; ``raw_lines``: every
-    line; ``stderr``: all of stderr."""
+    line; ``stderr``: all of stderr (see :class:`LoggedProcess`). Started by
+    :meth:`Network.start`; stdout lines also go to ``log_file`` when given."""
+
+    stop_timeout = STOP_TIMEOUT
 
     def __init__(self, net: "Network", host: Host, argv: list[str], name: str,
                  log_file: Path | None = None):
+        super().__init__()
         self.net = net
         self.log_file = log_file
         self.host = host
         self.argv = argv
         self.name = name
-        self.process: trio.Process | None = None
-        self.lines: list[dict[str, Any]] = []
-        self.raw_lines: list[str] = []
-        self.stderr = bytearray()
-        self._changed = trio.Event()
-        self._stdout_done = trio.Event()
-        self._stderr_done = trio.Event()
 
     @property
-    def pid(self) -> int:
-        return self._proc().pid
-
-    @property
-    def returncode(self) -> int | None:
-        return None if self.process is None else self.process.returncode
-
-    def _proc(self) -> trio.Process:
-        assert self.process is not None, f"{self.name} was not started"
-        return self.process
-
-    # ------------------------------------------------------------ lifecycle
-
-    def send_signal(self, sig: int) -> None:
-        proc = self._proc()
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                proc.send_signal(sig)
-
-    def kill(self) -> None:
-        """SIGKILL if still running (never raises)."""
-        if self.process is not None and self.process.returncode is None:
-            with contextlib.suppress(OSError):
-                self.process.kill()
-
-    async def wait(self, timeout: float = STOP_TIMEOUT) -> int:
-        """The exit code, once the process ended and its output was read."""
-        proc = self._proc()
-        with trio.move_on_after(timeout):
-            code = await proc.wait()
-            await self._stdout_done.wait()
-            await self._stderr_done.wait()
-            return code
-        raise ProcessExited(f"{self.name} did not exit within {timeout}s; {self.describe()}")
-
-    async def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT) -> int:
-        self.send_signal(sig)
-        return await self.wait(timeout)
-
-    async def aclose(self) -> None:
-        """Kill and reap (teardown)."""
-        if self.process is None:
-            return
-        self.kill()
-        with trio.move_on_after(STOP_TIMEOUT):
-            await self.process.wait()
-
-    # ------------------------------------------------------------ logs
-
-    async def wait_for_log(self, predicate: Callable[[dict[str, Any]], bool], *,
-                           timeout: float = 30.0, start: int = 0) -> dict[str, Any]:
-        """The first JSON log line from index ``start`` on that satisfies ``predicate``.
-
-        ProcessExited when the output ends without one or ``timeout`` passes."""
-        i = start
-        with trio.move_on_after(timeout):
-            while True:
-                changed = self._changed
-                while i < len(self.lines):
-                    if predicate(self.lines[i]):
-                        return self.lines[i]
-                    i += 1
-                if self._stdout_done.is_set():
-                    with trio.move_on_after(2):
-                        await self._proc().wait()
-                    raise ProcessExited(f"{self.name}: output ended without the awaited log "
-                                        f"line; {self.describe()}")
-                await changed.wait()
-        raise ProcessExited(f"{self.name}: no awaited log line within {timeout}s; "
-                            f"{self.describe()}")
-
-    def logs(self, message: str | None = None, *, start: int = 0,
-             **fields: Any) -> list[dict[str, Any]]:
-        """The JSON log lines (from index ``start``) with this message and field values."""
-        return [d for d in self.lines[start:]
-                if (message is None or d.get("message") == message)
-                and all(d.get(k) == v for k, v in fields.items())]
-
-    def describe(self, tail: int = 25) -> str:
-        err = bytes(self.stderr).decode(errors="replace")[-2000:]
-        out = "\n  ".join(self.raw_lines[-tail:])
-        return (f"[{self.name} in {self.host.ns}, pid "
-                f"{self.process.pid if self.process else None}, exit code {self.returncode}; "
-                f"stderr: {err!r}; last stdout lines:\n  {out}]")
-
-    # ------------------------------------------------------------ readers
-
-    def _notify(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
-
-    async def _read_stdout(self) -> None:
-        buf = b""
-        try:
-            async for chunk in self._proc().stdout:  # type: ignore[union-attr]
-                buf += chunk
-                *complete, buf = buf.split(b"\n")
-                for raw in complete:
-                    self._add_line(raw)
-                if complete:
-                    self._notify()
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
-        finally:
-            if buf:
-                self._add_line(buf)
-            self._stdout_done.set()
-            self._notify()
+    def label(self) -> str:
+        return f"{self.name} in {self.host.ns}"
 
     def _add_line(self, raw: bytes) -> None:
-        self.raw_lines.append(raw.decode("utf-8", "replace"))
         if self.log_file is not None:
             with contextlib.suppress(OSError), open(self.log_file, "ab") as f:
                 f.write(raw + b"\n")
-        try:
-            doc = orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            return
-        if isinstance(doc, dict):
-            self.lines.append(doc)
-
-    async def _read_stderr(self) -> None:
-        try:
-            async for chunk in self._proc().stderr:  # type: ignore[union-attr]
-                self.stderr += chunk
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            pass
-        finally:
-            self._stderr_done.set()
+        super()._add_line(raw)
 
 
 class Finished:
@@ -533,13 +408,8 @@ class Network:
         assert self._nursery is not None, "use open_network()"
         proc = NsProcess(self, host, argv, name or host.name,
                          Path(log_file) if log_file is not None else None)
-        proc.process = await trio.lowlevel.open_process(
-            self._exec_argv(host, argv), env=dict(env) if env is not None else None,
-            cwd=None if cwd is None else str(cwd),
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        await proc._launch(self._nursery, self._exec_argv(host, argv), env=env, cwd=cwd)
         self.processes.append(proc)
-        self._nursery.start_soon(proc._read_stdout)
-        self._nursery.start_soon(proc._read_stderr)
         return proc
 
     async def run(self, host: Host, argv: list[str], *, env: Mapping[str, str] | None = None,
