@@ -25,6 +25,14 @@ and then, in a loop:
         4. serve rd.read_states (their index is applied after step 3);
         5. core.advance(rd).
 
+    Two liberties are allowed. A leader's messages may be sent before step 1
+    when rd.hard_state keeps the stored term and vote and there is no
+    snapshot: they depend only on those, and the leader counts its own copy
+    of new entries towards a commit only once advance() says they are durable
+    (thesis §10.2.1). And step 1 needs no fsync when must_sync() says so
+    (only the commit index moved). Steps 3-4 may be handed, in order, to
+    another task, as long as reads wait for their index to be applied.
+
 `MemoryStorage` below implements step 1 in memory with exactly these rules;
 the sim harness and the unit tests use it, the SQLite log mirrors it.
 
