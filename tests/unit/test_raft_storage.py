@@ -580,6 +580,42 @@ def test_registry_snapshot_is_deterministic(tmp_path):
         b.close()
 
 
+def test_registry_snapshot_reads_beside_the_writer_not_under_its_lock(tmp_path):
+    """A replica snapshots its registry while its event loop goes on reading
+    it: the snapshot must not wait for (or hold) the state's lock, and must
+    be the state at its applied index even with a transaction open."""
+    import threading
+
+    a = _registry(str(tmp_path / "a.db"), _history())
+    expected = _registry(":memory:", _history())
+    held, release, out = threading.Event(), threading.Event(), {}
+
+    def hold_the_lock_mid_transaction() -> None:
+        with a._lock:
+            a._conn.execute("BEGIN IMMEDIATE")
+            a._conn.execute("DELETE FROM peers")  # uncommitted: must not show
+            held.set()
+            release.wait(30)
+            a._conn.execute("ROLLBACK")
+
+    holder = threading.Thread(target=hold_the_lock_mid_transaction)
+    holder.start()
+    try:
+        assert held.wait(10)
+        taker = threading.Thread(target=lambda: out.setdefault("data", a.snapshot()))
+        taker.start()
+        taker.join(10)
+        assert not taker.is_alive(), "snapshot() waited for the state's lock"
+    finally:
+        release.set()
+        holder.join()
+    try:
+        assert out["data"] == expected.snapshot()
+    finally:
+        a.close()
+        expected.close()
+
+
 def test_registry_restore_into_a_fresh_database(tmp_path):
     src = _registry(str(tmp_path / "src.db"), _history())
     data, index, digest = src.snapshot(), src.applied_index, src.state_hash()

@@ -290,6 +290,7 @@ class ConsensusActor(Actor):
         # -> the apply task: ("restore", Snapshot) | ("apply", entries) | ("reads", states)
         self._applier: trio.MemorySendChannel | None = None
         self._snapshot_taken: tuple[int, bytes] | None = None  # for _maybe_compact
+        self._compacting = False  # the log's compaction is being written
 
     # ------------------------------------------------------------ lifecycle
 
@@ -437,7 +438,7 @@ class ConsensusActor(Actor):
         if early:
             for m in rd.messages:
                 self._send(m)
-        if must_sync(rd, self.storage.hard_state):
+        if must_sync(rd, self.storage.hard_state) or self._compacting:
             await self._io(self.storage.apply, rd)
         else:
             self.storage.apply(rd)  # no write worth a thread
@@ -567,15 +568,26 @@ class ConsensusActor(Actor):
         self._kick()
 
     async def _maybe_compact(self) -> None:
-        if self._snapshot_taken is None:
+        if self._snapshot_taken is None or self._compacting:
             return
         (index, data), self._snapshot_taken = self._snapshot_taken, None
         if index <= self._compacted_at:
             return  # a snapshot from the leader got there first
         self.core.compact(index, data)
-        # The core keeps the snapshot it sends to laggards; persist that same one.
-        await self._io(self.storage.compact, self.core._snapshot)
         self._compacted_at = index
+        # The core keeps the snapshot it sends to laggards; persist that same
+        # one. In the background: deleting thousands of log rows takes long
+        # enough that a driver waiting for it would miss heartbeats (and its
+        # followers would elect another leader); meanwhile every write to the
+        # log goes through a thread (see _process), as it waits for this one.
+        self._compacting = True
+        self.nursery.start_soon(self._store_compaction, self.core._snapshot)
+
+    async def _store_compaction(self, snapshot) -> None:
+        try:
+            await self._io(self.storage.compact, snapshot)
+        finally:
+            self._compacting = False
 
     # ------------------------------------------------------------ finding the leader
 
