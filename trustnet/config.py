@@ -606,13 +606,17 @@ class ReplicationConfig:
     ``peers`` lists the founding replicas; it may include this replica (same
     list on every replica, the usual way) or leave it out, in which case this
     replica's address is ``ws://[listen.host]:listen.ws_port``. ``id`` is this
-    replica's stable id (never reused). ``interval`` is accepted for
+    replica's stable id (never reused). ``join``: this replica is not a
+    founder but is added to a running group (``POST /cluster/members``): it
+    starts with an empty log and takes the group's members from the leader,
+    instead of founding a group of ``peers``. ``interval`` is accepted for
     compatibility with older files and ignored.
     """
 
     enabled: bool = False
     id: ReplicaId | None = None
     peers: list[PeerConfig] = attrs.field(factory=list)
+    join: bool = False
     tick: Duration = Duration(0.010)
     heartbeat_ticks: PositiveInt = PositiveInt(5)
     election_ticks: PositiveInt = PositiveInt(15)
@@ -673,6 +677,7 @@ REGISTRY_ENV_VARS: Mapping[str, str] = types.MappingProxyType({
     "REGISTRY_REPLICATION": "replication.enabled",
     "REGISTRY_REPLICA_ID": "replication.id",
     "REGISTRY_PEERS": "replication.peers",
+    "REGISTRY_REPLICA_JOIN": "replication.join",
 })
 """Environment variable -> dotted field of :class:`RegistryConfig`, applied after the file."""
 

@@ -44,28 +44,32 @@ def free_ports(n: int) -> list[int]:
 
 
 class Cluster:
-    def __init__(self, tmp_path, nursery):
+    def __init__(self, tmp_path, nursery, spare: tuple[str, ...] = ()):
         self.tmp_path = tmp_path
         self.nursery = nursery
-        ports = free_ports(6)
-        self.http = {rid: ports[2 * i] for i, rid in enumerate(IDS)}
-        self.ws = {rid: ports[2 * i + 1] for i, rid in enumerate(IDS)}
+        ids = IDS + spare  # spare: replicas that may join later
+        ports = free_ports(2 * len(ids))
+        self.http = {rid: ports[2 * i] for i, rid in enumerate(ids)}
+        self.ws = {rid: ports[2 * i + 1] for i, rid in enumerate(ids)}
         self.procs: dict[str, RegistryProcess] = {}
         self.all: list[RegistryProcess] = []
         self.stopped: set[str] = set()  # SIGSTOPped
 
-    def config(self, rid: str) -> dict:
+    def address(self, rid: str) -> str:
+        return f"ws://[::1]:{self.ws[rid]}"
+
+    def config(self, rid: str, join: bool = False) -> dict:
         return {
             "listen": {"host": "::1", "port": self.http[rid], "ws_port": self.ws[rid]},
             "database": {"path": str(self.tmp_path / rid / "registry.db")},
-            "replication": {"enabled": True, "id": rid, "tick": "10ms",
-                            "peers": [{"id": r, "address": f"ws://[::1]:{self.ws[r]}"} for r in IDS]},
+            "replication": {"enabled": True, "id": rid, "tick": "10ms", "join": join,
+                            "peers": [{"id": r, "address": self.address(r)} for r in IDS]},
             "logging": {"level": "info", "format": "json"},
         }
 
-    async def start(self, rid: str) -> None:
+    async def start(self, rid: str, join: bool = False) -> None:
         (self.tmp_path / rid).mkdir(exist_ok=True)
-        proc = RegistryProcess(self.tmp_path / rid, config=self.config(rid), name=rid)
+        proc = RegistryProcess(self.tmp_path / rid, config=self.config(rid, join), name=rid)
         self.all.append(proc)
         self.procs[rid] = proc
         await proc.start(self.nursery)
@@ -220,3 +224,101 @@ async def test_cluster_survives_kills_pauses_and_restarts(tmp_path):
           f"{KILL_ROUNDS} kill rounds")
     result = check(RegistryModel(), history, timeout=30.0)
     assert result.ok, str(result)
+
+
+async def _status(client: httpx.AsyncClient, cluster: Cluster, rid: str) -> dict:
+    try:
+        return (await client.get(cluster.url(rid) + "/cluster", timeout=2.0)).json()
+    except (httpx.HTTPError, ValueError):
+        return {}
+
+
+async def _until(predicate, what: str, timeout: float = 20.0):
+    with trio.fail_after(timeout):
+        while not (found := await predicate()):
+            await trio.sleep(0.1)
+    return found
+
+
+def _raft_position(r: httpx.Response) -> tuple[int, int]:
+    return int(r.headers["X-Raft-Index"]), int(r.headers["X-Raft-Term"])
+
+
+async def test_members_join_and_leave_and_answers_carry_raft_positions(tmp_path):
+    """The admin routes over HTTP with real processes: a replica started with
+    replication.join is added, catches up and serves; a founder is removed
+    and the group goes on. Writes and reads say which index and term they
+    reflect."""
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(tmp_path, nursery, spare=("r4",))
+        try:
+            async with trio.open_nursery() as starting:
+                for rid in IDS:
+                    starting.start_soon(cluster.start, rid)
+            async with httpx.AsyncClient() as client:
+                leader = await cluster.leader(client, timeout=15)
+                follower = next(r for r in IDS if r != leader)
+                # A write through a follower: forwarded, committed, positioned.
+                r = await client.post(cluster.url(follower) + "/nodes",
+                                      json={"id": "a", "ipv6": "fd00::a"}, timeout=5.0)
+                assert r.status_code == 201, r.text
+                written, term = _raft_position(r)
+                assert written > 1 and term >= 1 and "raft" not in r.json()
+                for rid in IDS:  # linearizable reads anywhere reflect it
+                    r = await client.get(cluster.url(rid) + "/nodes/a", timeout=5.0)
+                    assert r.status_code == 200 and _raft_position(r)[0] >= written
+                r = await client.get(cluster.url(follower) + "/nodes/a",
+                                     params={"consistency": "stale"}, timeout=5.0)
+                assert r.status_code in (200, 404) and "X-Raft-Index" in r.headers
+
+                # r4 starts as a joiner: no leader, no members of its own...
+                await cluster.start("r4", join=True)
+                st = await _status(client, cluster, "r4")
+                assert "r4" not in st.get("voters", []), st
+                # ...until it is added (through a follower: forwarded to the leader).
+                r = await client.post(cluster.url(follower) + "/cluster/members",
+                                      json={"id": "r4", "address": cluster.address("r4")},
+                                      timeout=10.0)
+                assert r.status_code == 201, r.text
+
+                async def r4_serves():
+                    st = await _status(client, cluster, "r4")
+                    if "r4" not in st.get("voters", []) or st.get("applied", 0) < written:
+                        return False
+                    r = await client.get(cluster.url("r4") + "/nodes/a", timeout=5.0)
+                    return r.status_code == 200 and r.json()["ipv6"] == "fd00::a"
+                await _until(r4_serves, "r4 caught up and serving")
+                assert sorted((await _status(client, cluster, leader))["voters"]) == [
+                    "r1", "r2", "r3", "r4"]
+                # An id already in the group, or a malformed request, is refused.
+                r = await client.post(cluster.url(leader) + "/cluster/members",
+                                      json={"id": "r4", "address": cluster.address("r4")})
+                assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_member"
+                r = await client.post(cluster.url(leader) + "/cluster/members", json={"id": "r5"})
+                assert r.status_code == 400
+
+                # Remove a founder (the leader itself, the hardest case).
+                r = await client.delete(cluster.url(leader) + f"/cluster/members/{leader}",
+                                        timeout=10.0)
+                assert r.status_code == 200, r.text
+                rest = [rid for rid in IDS + ("r4",) if rid != leader]
+
+                async def three_voters_and_a_new_leader():
+                    st = await _status(client, cluster, rest[0])
+                    return (sorted(st.get("voters", [])) == sorted(rest)
+                            and st.get("leader") in rest)
+                await _until(three_voters_and_a_new_leader, "the group without the old leader")
+                async def write_b():
+                    try:
+                        r = await client.post(cluster.url("r4") + "/nodes",
+                                              json={"id": "b", "ipv6": "fd00::b"},
+                                              headers={"Idempotency-Key": "b"}, timeout=5.0)
+                    except httpx.HTTPError:
+                        return False
+                    return r.status_code in (200, 201) and _raft_position(r)[0] > written
+                await _until(write_b, "a write after the removal")
+        finally:
+            with trio.CancelScope(shield=True):
+                await cluster.aclose()
+            nursery.cancel_scope.cancel()
+

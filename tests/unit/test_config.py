@@ -387,6 +387,7 @@ def test_env_table_is_the_documented_one():
         "REGISTRY_REPLICATION": "replication.enabled",
         "REGISTRY_REPLICA_ID": "replication.id",
         "REGISTRY_PEERS": "replication.peers",
+        "REGISTRY_REPLICA_JOIN": "replication.join",
     }
 
 
@@ -403,6 +404,7 @@ def test_every_env_var_reaches_its_field():
         "REGISTRY_REPLICATION": ("no", False),
         "REGISTRY_REPLICA_ID": ("r9", "r9"),
         "REGISTRY_PEERS": ("r1=ws://[::1]:1", [PeerConfig("r1", "ws://[::1]:1")]),
+        "REGISTRY_REPLICA_JOIN": ("true", True),
     }
     assert samples.keys() == REGISTRY_ENV_VARS.keys()
     for var, (text, expected) in samples.items():

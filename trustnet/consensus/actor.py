@@ -22,6 +22,7 @@ Requests (asks; every refusal below is retryable with the same request_id,
 which client sessions make safe):
 
     Propose(command, request_id)  -> the command's result dict, or its Refused
+                                     (with_index: {"result", "index", "term"})
     ReadBarrier()                 -> {"index", "term", "applied"} once a
                                      linearizable read may be served locally
     ClusterStatus()               -> members, leader, term, commit, applied, lag
@@ -102,6 +103,9 @@ class Propose:
     command: object
     request_id: str = ""
     hops: int = 0
+    # answer {"result", "index", "term"} (where the command was committed)
+    # rather than the bare result: the HTTP facade puts them in X-Raft-*
+    with_index: bool = False
 
 
 @message("consensus.read_barrier")
@@ -653,7 +657,10 @@ class ConsensusActor(Actor):
             slot = self._proposals[index] = _Slot(core.term)
             self._kick()
             with trio.move_on_at(deadline):
-                return await slot.wait()
+                result = await slot.wait()
+                if msg.with_index:
+                    return {"result": result, "index": index, "term": slot.term}
+                return result
             self._proposals.pop(index, None)
             raise CommitUnknown(f"entry {index} not applied within {self.cfg.propose_timeout}s")
 

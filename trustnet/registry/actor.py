@@ -436,7 +436,8 @@ class RegistryActor(Actor):
                 cmd.node_id in self.leases or self._stored(cmd.node_id) is not None):
             existed.add(cmd.node_id)
         try:
-            result = await self.consensus.ask(Propose(cmd, rid), timeout=self.propose_timeout)
+            committed = await self.consensus.ask(Propose(cmd, rid, with_index=True),
+                                                 timeout=self.propose_timeout)
         except Refused as refusal:
             if isinstance(letter.msg, np.LinkReport) and refusal.code not in CONSENSUS_CODES:
                 letter.answer(self._after_link_report(letter.msg, cmd, refusal))
@@ -446,10 +447,14 @@ class RegistryActor(Actor):
         except ActorError as exc:
             letter.fail(CommitUnknown(f"write not confirmed: {exc}"))
             return
+        result = committed["result"]
         if isinstance(letter.msg, np.LinkReport):
-            letter.answer(self._after_link_report(letter.msg, cmd, result))
+            answer = self._after_link_report(letter.msg, cmd, result)
         else:
-            letter.answer(self._after_apply(cmd, result, now, existed))
+            answer = self._after_apply(cmd, result, now, existed)
+        if isinstance(answer, dict):  # where it was committed, for X-Raft-Index/Term
+            answer = {**answer, m.RAFT_POSITION: [committed["index"], committed["term"]]}
+        letter.answer(answer)
 
     def _stored(self, node_id: str) -> dict | None:
         try:

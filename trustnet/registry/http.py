@@ -56,9 +56,15 @@ def create_app(registry: Ref, *, api_key: str | None = None, max_body_bytes: int
     key = api_key.encode() if api_key else None
 
     async def ask(msg: Any) -> Any:
-        if consensus is not None and hasattr(msg, "request_id"):
+        if consensus is None:
+            return await registry.ask(msg, timeout=ask_timeout)
+        if hasattr(msg, "request_id"):
             msg = attrs.evolve(msg, request_id=g.write_id)
-        return await registry.ask(msg, timeout=ask_timeout)
+        answer = await registry.ask(msg, timeout=ask_timeout)
+        if isinstance(answer, dict) and m.RAFT_POSITION in answer:
+            answer = dict(answer)
+            g.raft = tuple(answer.pop(m.RAFT_POSITION))
+        return answer
 
     async def read(msg: Any) -> Response | Any:
         """Ask a read; in replicated mode after a read barrier (unless stale)."""

@@ -11,6 +11,9 @@ from actors.codec import message
 
 DEFAULT_PORT = 9000
 DEFAULT_DOMAIN = "default"
+# In replicated mode a write's answer carries [index, term] of the log entry
+# it was committed in under this key (the HTTP facade moves it to X-Raft-*).
+RAFT_POSITION = "raft"
 
 
 @message("registry.req.register")

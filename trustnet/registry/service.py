@@ -68,8 +68,11 @@ def replica_spec(config: RegistryConfig) -> ReplicaSpec:
         tick=r.tick, raft=RaftConfig(heartbeat_ticks=r.heartbeat_ticks,
                                      election_ticks=r.election_ticks),
         snapshot_threshold=r.snapshot_threshold)
+    # A joining replica founds nothing: its members come from the leader's
+    # log once an administrator adds it (POST /cluster/members).
+    voters = () if r.join else tuple(sorted(addresses))
     return ReplicaSpec(id=r.id, addresses=addresses, registry_path=config.database.path,
-                       raft_path=raft_path, voters=tuple(sorted(addresses)), config=consensus)
+                       raft_path=raft_path, voters=voters, config=consensus)
 
 
 def hypercorn_config(config: RegistryConfig) -> hypercorn.config.Config:
