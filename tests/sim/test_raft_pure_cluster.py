@@ -403,7 +403,8 @@ class Cluster:
             self.note("heal partitions")
             self.cut = set()
         elif r < 0.85:
-            self.compact(rng.choice(alive))
+            if alive:  # (crashes inside process_ready may have taken them all)
+                self.compact(rng.choice(alive))
         elif r < 0.92:
             leaders = self.leaders()
             if leaders:

@@ -492,6 +492,48 @@ def test_must_sync_only_for_entries_snapshots_terms_and_votes():
     assert must_sync(rd(entries=[Entry(11, 3, "normal", b"x")]), base)
 
 
+def test_two_pre_candidates_do_not_split_the_vote():
+    """Both survivors time out together: the smaller id gives way to the
+    larger (equal logs), backs it, and the larger wins in one round."""
+    boot = RaftCore("x", ("a", "b", "c"), rng=random.Random(0), config=CFG).ready().entries[0]
+    state = PersistedState(HardState(2, "a", 1), (boot,))
+    b = RaftCore("b", ("a", "b", "c"), rng=random.Random(1), config=CFG, storage=state)
+    c = RaftCore("c", ("a", "b", "c"), rng=random.Random(2), config=CFG, storage=state)
+    out = {}
+    for core in (b, c):
+        core._campaign(pre_vote=True)
+        assert core.role == PRE_CANDIDATE
+        out[core.id] = [m for m in core.ready().messages if m.to_id in ("b", "c")]
+    b_asks, c_asks = out["b"][0], out["c"][0]
+    c.step(b_asks)  # c could win too and is larger: it refuses
+    b.step(c_asks)  # b gives way: grants, and waits a whole new timeout
+    assert b.role == FOLLOWER and b.lead is None
+    answers = {m.to_id: m for core in (b, c) for m in core._msgs}
+    assert answers["b"].granted is False and answers["c"].granted is True
+    c.step(answers["c"])
+    assert c.role == CANDIDATE and c.term == 3
+    vote_request = next(m for m in c._msgs if isinstance(m, VoteRequest) and m.to_id == "b")
+    b.step(vote_request)
+    vote = next(m for m in b._msgs if isinstance(m, VoteResponse) and m.to_id == "c" and not m.pre_vote)
+    assert vote.granted and b.vote == "c"
+    c.step(vote)
+    assert c.role == LEADER and c.term == 3
+
+
+def test_a_pre_candidate_with_the_better_log_does_not_give_way():
+    boot = RaftCore("x", ("a", "b", "c"), rng=random.Random(0), config=CFG).ready().entries[0]
+    longer = PersistedState(HardState(2, "a", 1), (boot, Entry(2, 2, "normal", b"x")))
+    shorter = PersistedState(HardState(2, "a", 1), (boot,))
+    b = RaftCore("b", ("a", "b", "c"), rng=random.Random(1), config=CFG, storage=longer)
+    c = RaftCore("c", ("a", "b", "c"), rng=random.Random(2), config=CFG, storage=shorter)
+    for core in (b, c):
+        core._campaign(pre_vote=True)
+    b_asks = next(m for m in b.ready().messages if m.to_id == "c")
+    c.step(b_asks)  # c is larger but could not win b's vote: it backs b
+    assert c.role == FOLLOWER
+    assert next(m for m in c._msgs if isinstance(m, VoteResponse) and m.to_id == "b").granted
+
+
 def test_leader_commit_needs_quorum():
     net = Net(ids=("a", "b", "c", "d", "e"))
     ldr = net.elect("a")

@@ -464,6 +464,10 @@ class RaftCore:
             i -= 1
         return self._snap_index, self._snap_term
 
+    def _at_least_as_up_to_date_as(self, last_index: int, last_term: int) -> bool:
+        """Whether a node whose log ends at (last_index, last_term) would vote for us."""
+        return (self.last_term(), self.last_index) >= (last_term, last_index)
+
     def _is_up_to_date(self, last_index: int, last_term: int) -> bool:
         return (last_term, last_index) >= (self.last_term(), self.last_index)
 
@@ -674,9 +678,21 @@ class RaftCore:
             or (m.pre_vote and m.term > self.term)
         )
         granted = can_vote and self._is_up_to_date(m.last_log_index, m.last_log_term)
+        if (m.pre_vote and self.role == PRE_CANDIDATE and m.from_id < self.id
+                and self._at_least_as_up_to_date_as(m.last_log_index, m.last_log_term)):
+            # Two pre-campaigns at once would go on to split the real vote
+            # (both vote for themselves) and cost another election timeout:
+            # of two that could each win, the larger id goes on.
+            granted = False
         if granted and not m.pre_vote:
             self.vote = m.from_id
             self.election_elapsed = 0
+        elif granted and self.role in (FOLLOWER, PRE_CANDIDATE):
+            # We back this candidate: leave it a whole (new, randomized)
+            # timeout to win before campaigning ourselves. No leader any more
+            # as far as we know, so its real vote request is not refused as
+            # coming from outside a live leader's lease.
+            self._become_follower(self.term, None)
         # A granted pre-vote answers with the term asked for, a refusal with ours.
         term = m.term if granted else self.term
         self._send(VoteResponse(term=term, from_id=self.id, to_id=m.from_id,
