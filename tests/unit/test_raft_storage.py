@@ -580,6 +580,18 @@ def test_registry_snapshot_is_deterministic(tmp_path):
         b.close()
 
 
+def test_registry_snapshot_of_a_file_with_an_awkward_name(tmp_path):
+    odd = tmp_path / "a dir?#%20" / "reg #1?.db"
+    odd.parent.mkdir()
+    a = _registry(str(odd), _history())
+    expected = _registry(":memory:", _history())
+    try:
+        assert a.snapshot() == expected.snapshot()
+    finally:
+        a.close()
+        expected.close()
+
+
 def test_registry_snapshot_reads_beside_the_writer_not_under_its_lock(tmp_path):
     """A replica snapshots its registry while its event loop goes on reading
     it: the snapshot must not wait for (or hold) the state's lock, and must

@@ -22,6 +22,7 @@ import math
 import os
 import sqlite3
 import threading
+import urllib.parse
 from datetime import UTC, datetime
 from typing import Any, Callable, Iterator
 
@@ -616,8 +617,8 @@ class RegistryState:
         if self._path == ":memory:":
             with self._lock:
                 return _snapshot_of(self._conn)
-        conn = sqlite3.connect(f"file:{self._path}?mode=ro", uri=True, isolation_level=None,
-                               check_same_thread=False)
+        uri = "file:" + urllib.parse.quote(os.path.abspath(self._path)) + "?mode=ro"
+        conn = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
         try:
             conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
             return _snapshot_of(conn)
