@@ -75,6 +75,7 @@ the defaults explicitly.
 
 from __future__ import annotations
 
+import abc
 import ipaddress
 import math
 import time
@@ -181,14 +182,15 @@ class Model(Protocol):
     def describe_operation(self, input: Any, output: Any) -> str: ...
 
 
-class BaseModel:
-    """Defaults for models: partition by `Operation.key`, repr descriptions."""
+class BaseModel(abc.ABC):
+    """Defaults for models: partition by `Operation.key`, repr descriptions.
+    A model says only what its state starts as and how an operation moves it."""
 
-    def init(self) -> Hashable:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def init(self) -> Hashable: ...
 
-    def step(self, state: Any, input: Any, output: Any) -> tuple[bool, Hashable]:  # pragma: no cover
-        raise NotImplementedError
+    @abc.abstractmethod
+    def step(self, state: Any, input: Any, output: Any) -> tuple[bool, Hashable]: ...
 
     def partition(self, history: Sequence[Operation]) -> list[list[Operation]]:
         return partition_by_key(history)
