@@ -329,27 +329,34 @@ async def test_full_mailbox_tell_nowait_fails_fast_and_tell_waits(autojump_clock
         assert await ref.ask("count") == 3
 
 
+async def _blocked_tell(ref, first, error: type[Exception], then) -> list:
+    """Send `first` to a one-slot mailbox, fill the slot, start a tell that
+    must wait, await then(); what that waiting tell got ("delivered" or `error`)."""
+    outcome: list = []
+    await ref.tell(first)
+    await trio.testing.wait_all_tasks_blocked()
+    await ref.tell("inc")  # fills the mailbox
+
+    async def blocked_tell():
+        try:
+            await ref.tell("inc")
+            outcome.append("delivered")
+        except error as exc:
+            outcome.append(exc)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(blocked_tell)
+        await trio.testing.wait_all_tasks_blocked()
+        await then()
+    return outcome
+
+
 async def test_blocked_tell_gets_actorStopped_when_the_mailbox_closes(autojump_clock):
     system, events = ActorSystem(), []
     gate = trio.Event()
-    outcome = []
     async with supervised(system, spec("t", events, Restart.TEMPORARY, mailbox_size=1)) as sup:
-        ref = system.ref("t")
-        await ref.tell(("wait", gate))
-        await trio.testing.wait_all_tasks_blocked()
-        await ref.tell("inc")  # fills the mailbox
-
-        async def blocked_tell():
-            try:
-                await ref.tell("inc")
-                outcome.append("delivered")
-            except ActorStopped as exc:
-                outcome.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(blocked_tell)
-            await trio.testing.wait_all_tasks_blocked()
-            await sup.stop_child("t")
+        outcome = await _blocked_tell(system.ref("t"), ("wait", gate), ActorStopped,
+                                      lambda: sup.stop_child("t"))
     assert len(outcome) == 1 and isinstance(outcome[0], ActorStopped), outcome
 
 
@@ -522,24 +529,13 @@ async def test_stop_before_run_is_harmless(autojump_clock):
 async def test_blocked_tell_learns_its_letter_was_dropped_by_a_crash(autojump_clock):
     system, events = ActorSystem(), []
     gate = trio.Event()
-    outcome = []
+
+    async def release() -> None:
+        gate.set()
+
     async with supervised(system, spec("w", events, mailbox_size=1)):
         ref = system.ref("w")
-        await ref.tell(("wait_then_crash", gate))
-        await trio.testing.wait_all_tasks_blocked()
-        await ref.tell("inc")  # fills the mailbox
-
-        async def blocked_tell():
-            try:
-                await ref.tell("inc")
-                outcome.append("delivered")
-            except ActorCrashed as exc:
-                outcome.append(exc)
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(blocked_tell)
-            await trio.testing.wait_all_tasks_blocked()
-            gate.set()
+        outcome = await _blocked_tell(ref, ("wait_then_crash", gate), ActorCrashed, release)
         assert len(outcome) == 1 and isinstance(outcome[0], ActorCrashed), outcome
         assert await ref.ask("count") == 0  # the restarted instance got neither "inc"
         assert await ref.ask("ping") == ("pong", 2)
