@@ -41,13 +41,11 @@ import abc
 import argparse
 import array
 import hashlib
-import importlib.util
 import json
 import zlib
 import math
 import multiprocessing
 import os
-import random
 import re
 import resource
 import selectors
@@ -61,9 +59,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import server_python, wrk_prologue  # noqa: E402
 HOST = "::1"
 HOST_HEADER_HOST = "[::1]"
 
@@ -172,16 +170,6 @@ def free_ports(n: int) -> list[int]:
         for s in socks:
             s.close()
     return ports
-
-
-def server_python() -> str:
-    if importlib.util.find_spec("trustnet") and importlib.util.find_spec("quart_trio"):
-        return sys.executable
-    venv = REPO / ".venv" / "bin" / "python"
-    if venv.exists():
-        return str(venv)
-    sys.exit("cannot import trustnet: run with the project's interpreter, "
-             "e.g. `.venv/bin/python bench/consensus.py`")
 
 
 # ================================================================ a lean HTTP/1.1 client
@@ -556,26 +544,7 @@ class EtcdCluster(Cluster):
 # A 60-byte JSON node record, base64: the same payload size as TrustNet's POST /nodes body.
 ETCD_VALUE = "eyJpZCI6Im4wMDAwMDAxIiwiaXB2NiI6ImZkMTA6MTIzNDo6MSIsImRvbWFpbiI6ImJlbmNoIn0="
 
-WRK_COMMON = r"""
-local threads = 0
-function setup(thread)
-  thread:set("tid", threads)
-  threads = threads + 1
-end
-tid = 0
-counter = 0
-function init(args)
-  tid = tonumber(wrk.thread:get("tid")) or 0
-end
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    "WRKJSON {\"requests\":%d,\"duration_us\":%d,\"connect\":%d,\"read\":%d,\"write\":%d," ..
-    "\"status\":%d,\"timeout\":%d,\"p50\":%d,\"p99\":%d}\n",
-    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(99)))
-end
-"""
+WRK_COMMON = wrk_prologue()
 
 
 # ================================================================ measurements
@@ -995,7 +964,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGHUP, _on_signal)
     t_start = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="trustnet-bench-consensus-"))
-    python = server_python()
+    python = server_python("consensus.py")
     figures: list[Figures] = []
     tn_fig: Figures | None = None
     messages: list[str] = []

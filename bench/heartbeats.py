@@ -47,9 +47,7 @@ import os
 import platform
 import re
 import shutil
-import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -58,7 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import server_python, stop_process  # noqa: E402
 HOST = "::1"
 TARGET = 10_000.0
 ETCD_REFERENCE = (10_000, 12_000)
@@ -79,18 +78,6 @@ NOVERIFY_BOOT = (
 
 
 # ================================================================ helpers
-
-
-def server_python() -> str:
-    try:
-        import trustnet  # noqa: F401
-        import trio  # noqa: F401
-        return sys.executable
-    except ImportError:
-        venv = REPO / ".venv" / "bin" / "python"
-        if venv.exists():
-            return str(venv)
-    sys.exit("cannot import trustnet: run with the project's interpreter (.venv/bin/python)")
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -237,13 +224,7 @@ class Registry:
             return None
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 20)
         self._log.close()
 
     def log_tail(self, n: int = 5) -> list[str]:
@@ -1187,7 +1168,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    python = server_python()
+    python = server_python("heartbeats.py")
     t_start = time.monotonic()
     workdir = Path(tempfile.mkdtemp(prefix="trustnet-hb-"))
     import cryptography

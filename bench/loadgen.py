@@ -41,6 +41,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from common import wrk_prologue
+
 JSON = "application/json"
 
 
@@ -101,27 +103,7 @@ def wrk_version() -> str:
     return m.group(1) if m else "?"
 
 
-_LUA_COMMON = r"""
-local threads = 0
-function setup(thread)
-  thread:set("tid", threads)
-  threads = threads + 1
-end
-tid = 0
-counter = 0
-function init(args)
-  tid = tonumber(wrk.thread:get("tid")) or 0
-  math.randomseed(os.time() * 1000 + tid * 7919 + SEED)
-end
-function done(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    "WRKJSON {\"requests\":%d,\"duration_us\":%d,\"connect\":%d,\"read\":%d,\"write\":%d," ..
-    "\"status\":%d,\"timeout\":%d,\"p50\":%d,\"p99\":%d,\"max\":%d}\n",
-    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(99), latency.max))
-end
-"""
+_LUA_COMMON = wrk_prologue("  math.randomseed(os.time() * 1000 + tid * 7919 + SEED)")
 
 
 def _lua_string(s: str) -> str:

@@ -58,23 +58,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import REPO, server_python  # noqa: E402
 HOST = "::1"
 ADDR_PREFIX = "fd10:1234::be:"  # node n advertises fd10:1234::be:<n in hex>
 
 
 # ================================================================ helpers
-
-
-def server_python() -> str:
-    try:
-        import trustnet  # noqa: F401
-        return sys.executable
-    except ImportError:
-        venv = REPO / ".venv" / "bin" / "python"
-        if venv.exists():
-            return str(venv)
-    sys.exit("cannot import trustnet: run with the project's interpreter (.venv/bin/python)")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -440,7 +430,7 @@ def run_real(args: argparse.Namespace, python: str) -> None:
                 inconsistent += 1
             widths.append(abs(hi - lo))
             offset.append((lo + hi) / 2)
-        tta_cal, tta_poll, hops = [], [], []
+        tta_cal, tta_poll = [], []
         for t_send, got, missing in records:
             if missing or not got:
                 continue
@@ -774,7 +764,7 @@ def main(argv: list[str] | None = None) -> int:
                       args.max_connections, settle_limit=600.0, timers=args.sim_timers)
         print(json.dumps(res))
         return 0
-    python = server_python()
+    python = server_python("mesh.py")
     t = time.monotonic()
     print(f"TrustNet mesh broadcast benchmark{' (--quick)' if args.quick else ''}: "
           f"{os.cpu_count()} CPUs, Python {platform.python_version()}, load average "

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import http.client
-import importlib.util
 import json
 import os
 import platform
@@ -36,7 +35,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from loadgen import LoadGen, Result  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+from common import REPO, server_python, stop_process  # noqa: E402
 HOST = "::1"
 DOMAIN = "bench"          # the preloaded nodes, queried page by page
 REG_DOMAIN = "bench-reg"  # nodes created by the register case, kept out of DOMAIN
@@ -54,17 +53,6 @@ TARGET_P99_MS = 10.0
 
 
 # ---------------------------------------------------------------- processes
-
-
-def server_python() -> str:
-    """An interpreter that can import trustnet (this one, or the repo's .venv)."""
-    if importlib.util.find_spec("trustnet") and importlib.util.find_spec("quart_trio"):
-        return sys.executable
-    venv = REPO / ".venv" / "bin" / "python"
-    if venv.exists():
-        return str(venv)
-    sys.exit("cannot import trustnet: run with the project's interpreter, "
-             "e.g. `make venv && .venv/bin/python bench/registry_http.py`")
 
 
 def free_port() -> int:
@@ -118,13 +106,7 @@ class Server:
         return cpu_seconds(self.proc.pid)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 15)
         self._log.close()
 
 
@@ -405,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
         if code is not None:
             return code
     t_start = time.monotonic()
-    python = server_python()
+    python = server_python("registry_http.py")
     nice = apply_nice(args.nice)
     lg = LoadGen(HOST, args.loadgen, args.processes)
     C = args.connections
