@@ -313,10 +313,13 @@ class Actor:
             # A crash. The asks it took and those queued before it fail at
             # once, in the same step, so a caller that saw ActorCrashed and
             # sends again reaches the restarted instance.
+            # The type only: the message may be internal and this text can
+            # travel to other processes; the supervisor logs it all. (Taken
+            # now: `exc` is unbound once this except block ends.)
+            kind = type(exc).__name__
+
             def crashed() -> ActorCrashed:
-                # The type only: the message may be internal and this text
-                # can travel to other processes; the supervisor logs it all.
-                return ActorCrashed(f"actor {name!r} crashed ({type(exc).__name__})")
+                return ActorCrashed(f"actor {name!r} crashed ({kind})")
             self._fail_open(crashed)
             mailbox.fail_pending(crashed)
             raise

@@ -10,7 +10,6 @@ then the local HTTP API. SIGINT/SIGTERM: the HTTP server stops, then the tree
 from __future__ import annotations
 
 import logging
-import signal
 
 import hypercorn.config
 import hypercorn.trio
@@ -20,6 +19,7 @@ from actors import ActorSystem
 from actors.ws import WebsocketTransport
 from trustnet.identity import IdentityError, NodeIdentity
 from trustnet.logs import hypercorn_logging
+from trustnet.signals import watch_signals
 
 from .config import NodeConfig
 from .context import NodeContext, NodeParams
@@ -95,7 +95,7 @@ async def serve(config: NodeConfig) -> int:
 
     async with trio.open_nursery() as nursery:
         await nursery.start(system.serve)
-        nursery.start_soon(_watch_signals, shutdown)
+        nursery.start_soon(watch_signals, shutdown, log)
         nursery.start_soon(stopper)
         # The API opens once the node is registered and its mesh runs.
         await nursery.start(run_tree)
@@ -117,11 +117,3 @@ async def serve(config: NodeConfig) -> int:
         nursery.cancel_scope.cancel()
     log.info("node stopped", extra={"exit_code": code})
     return code
-
-
-async def _watch_signals(shutdown: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("shutting down", extra={"signal": signal.Signals(signum).name})
-            shutdown.set()
-            return

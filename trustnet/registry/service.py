@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 
 import hypercorn.config
 import hypercorn.trio
@@ -30,6 +29,7 @@ from trustnet.consensus.actor import ConsensusActor, ConsensusConfig
 from trustnet.consensus.core import RaftConfig
 from trustnet.consensus.replica import ReplicaSpec, open_stores
 from trustnet.logs import hypercorn_logging
+from trustnet.signals import watch_signals
 
 from .actor import RegistryActor
 from .http import create_app
@@ -163,7 +163,7 @@ async def _run(config: RegistryConfig, state: RegistryState,
     async with trio.open_nursery() as nursery:
         await nursery.start(system.serve)
         await nursery.start(supervise)
-        nursery.start_soon(_watch_signals, shutdown)
+        nursery.start_soon(watch_signals, shutdown, log)
         try:
             binds = await nursery.start(serve_http)
         except OSError as exc:
@@ -178,11 +178,3 @@ async def _run(config: RegistryConfig, state: RegistryState,
         nursery.cancel_scope.cancel()
     log.info("registry stopped", extra={"exit_code": code})
     return code
-
-
-async def _watch_signals(shutdown: trio.Event) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            log.info("shutting down", extra={"signal": signal.Signals(signum).name})
-            shutdown.set()
-            return
