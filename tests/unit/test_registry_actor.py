@@ -17,7 +17,8 @@ import trio
 
 from actors import ActorSystem, Letter, Reply
 from trustnet.registry import messages as m
-from trustnet.registry.actor import RegistryActor, _iso
+from trustnet.registry.actor import RegistryActor
+from trustnet.registry.state import iso_utc as _iso
 from trustnet.registry.commands import CheckpointLeases, Conflict, NotFound
 from trustnet.registry.state import RegistryState
 

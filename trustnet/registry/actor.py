@@ -19,13 +19,10 @@ elections cannot keep a dead node alive forever.
 
 from __future__ import annotations
 
-import functools
 import logging
-import math
 import os
 import random
 import time
-from datetime import UTC, datetime
 from typing import Any, Callable
 
 import trio
@@ -51,7 +48,7 @@ from .commands import (
 )
 from .leases import LeaseTable
 from .nodes import BadStatement, ReputationBook, StatementGate, candidates, register_request
-from .state import RegistryState
+from .state import RegistryState, iso_utc
 
 log = logging.getLogger("trustnet.registry")
 
@@ -346,7 +343,7 @@ class RegistryActor(Actor):
         deadline = self.leases.deadline(node["id"])
         if deadline is not None:
             node["lease_deadline"] = deadline
-            node["last_heartbeat"] = _iso(self.leases.last_renewal(node["id"]))
+            node["last_heartbeat"] = iso_utc(self.leases.last_renewal(node["id"]))
         return node
 
     async def _sweep_loop(self) -> None:
@@ -596,24 +593,3 @@ class RegistryActor(Actor):
 
 
 CONSENSUS_CODES = frozenset({"no_leader", "not_leader", "not_committed", "commit_unknown"})
-
-
-def _iso(t: float | None) -> str | None:
-    """Unix seconds as "2026-01-30T12:00:00.123456Z", exactly as
-    datetime.fromtimestamp(t, UTC).isoformat() would put it. It runs for every
-    node of a GET /nodes page, so the date and time part is formatted once per
-    second (cached) and only the microseconds here, rounded as datetime does."""
-    if t is None:
-        return None
-    frac, whole = math.modf(t)
-    us = round(frac * 1e6)
-    if us >= 1_000_000:
-        whole, us = whole + 1, us - 1_000_000
-    elif us < 0:
-        whole, us = whole - 1, us + 1_000_000
-    return f"{_iso_second(int(whole))}.{us:06d}Z"
-
-
-@functools.lru_cache(maxsize=4096)
-def _iso_second(second: int) -> str:
-    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")

@@ -835,8 +835,28 @@ def _iso(value: Any, field: str) -> str:
     seconds = _number(value, field)
     if not 0 <= seconds < _MAX_SECONDS:
         raise _invalid(field, "Unix seconds between 1970 and 9999", value)
-    stamp = datetime.fromtimestamp(seconds, UTC).isoformat(timespec="microseconds")
-    return stamp.removesuffix("+00:00") + "Z"
+    return iso_utc(seconds)
+
+
+def iso_utc(t: float | None) -> str | None:
+    """Unix seconds as "2026-01-30T12:00:00.123456Z", exactly as
+    datetime.fromtimestamp(t, UTC).isoformat() would put it. It runs for every
+    node of a GET /nodes page, so the date and time part is formatted once per
+    second (cached) and only the microseconds here, rounded as datetime does."""
+    if t is None:
+        return None
+    frac, whole = math.modf(t)
+    us = round(frac * 1e6)
+    if us >= 1_000_000:
+        whole, us = whole + 1, us - 1_000_000
+    elif us < 0:
+        whole, us = whole - 1, us + 1_000_000
+    return f"{_iso_second(int(whole))}.{us:06d}Z"
+
+
+@functools.lru_cache(maxsize=4096)
+def _iso_second(second: int) -> str:
+    return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def _seconds(stamp: str | None) -> float | None:
