@@ -18,17 +18,18 @@ interval) and against etcd's lease keepalive rate (measured on a local
 3-member cluster when `etcd` is installed, else the issue's reference figure,
 labelled as such).
 
-Variants (--variants, default all three):
-  signed    the registry as shipped: SignedHeartbeat statements, each verified.
-  noverify  the same registry with trustnet.identity.verify() replaced by
-            `return True` (statement still parsed, ts/nonce checked, key looked
-            up): what the signature itself costs. Not shippable.
-  session   nodes registered unsigned (Register) and heartbeating with the
-            plain Heartbeat{node_id} message over the same websocket link: the
-            per-heartbeat work left in a verified-session model, where the link's
-            challenge-response authenticates the connection once and heartbeats
-            on that link carry no signature (the registry would check the
-            link's node id against the heartbeat's, a dict lookup).
+Variants (the first field of --cases):
+  session   what a node sends (trustnet.node.heartbeat): each node opens a
+            heartbeat session with one signed OpenSession (X25519 share; timed
+            and printed as sessions opened/s, what a new leader faces), then
+            sends SessionHeartbeat{session, counter, HMAC} (precomputed).
+  signed    SignedHeartbeat statements, each Ed25519-verified (still accepted;
+            what nodes sent before sessions).
+  noverify  signed, with trustnet.identity.verify() replaced by `return True`
+            (statement still parsed, ts/nonce checked, key looked up): what
+            the signature itself costs. Not shippable.
+  unsigned  nodes registered unsigned (Register) heartbeating with the plain
+            Heartbeat{node_id}: the floor, no authentication at all.
 
 The exit status is 0 unless the benchmark itself broke; PASS/MISS is
 informational. See bench/README.md.
@@ -54,7 +55,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import server_python, stop_process  # noqa: E402
@@ -62,9 +63,10 @@ HOST = "::1"
 TARGET = 10_000.0
 ETCD_REFERENCE = (10_000, 12_000)
 VARIANTS = {
-    "signed": "as shipped: SignedHeartbeat, Ed25519-verified",
-    "noverify": "the same with identity.verify() stubbed (not shippable)",
-    "session": "unsigned Heartbeat{node_id} on the link (session model)",
+    "session": "as shipped: one signed OpenSession per node, then MAC'd SessionHeartbeats",
+    "signed": "SignedHeartbeat, Ed25519-verified, one per heartbeat",
+    "noverify": "signed with identity.verify() stubbed (not shippable)",
+    "unsigned": "unsigned Heartbeat{node_id}: no authentication (the floor)",
 }  # issue 3: keepalives/s, 3-member cluster, 16 connections
 
 # A registry whose verify() accepts anything (the "noverify" variant).
@@ -283,11 +285,14 @@ def _worker(idx: int, ws: str, nodes: list[int], case: dict, cfg: dict, conn: An
     from actors.ws import WebsocketTransport
     from trustnet.logs import setup_logging
     from trustnet.registry.messages import Heartbeat, Register
-    from trustnet.registry.node_protocol import SignedHeartbeat, SignedRegister
+    from trustnet.identity import session_key, session_share
+    from trustnet.node.heartbeat import HeartbeatSession
+    from trustnet.registry.node_protocol import OpenSession, SignedHeartbeat, SignedRegister
     import orjson
 
     setup_logging("bench-loadgen", "error")
-    session = case["variant"] == "session"
+    unsigned = case["variant"] == "unsigned"
+    sessions = case["variant"] == "session"
     me = [(node_name(i), i, node_identity(i)) for i in nodes]
 
     def stmt(identity: Any, purpose: str, node_id: str, body: dict,
@@ -296,7 +301,7 @@ def _worker(idx: int, ws: str, nodes: list[int], case: dict, cfg: dict, conn: An
 
     registers: list[Any] = []
     if cfg["register"]:
-        if session:  # unsigned: what a node on an authenticated link would send
+        if unsigned:
             registers = [Register(name, node_ipv6(i), 9000, "bench-hb") for name, i, _ in me]
         else:
             registers = [SignedRegister(stmt(ident, "register", name,
@@ -306,23 +311,27 @@ def _worker(idx: int, ws: str, nodes: list[int], case: dict, cfg: dict, conn: An
                          for name, i, ident in me]
     conn.send(("keys", len(me)))
 
-    async def register_all() -> None:
+    async def ask_all(msgs: list[Any], answered: Callable[[int, Any], None] | None = None
+                      ) -> tuple[int, dict, float, float]:
+        """Ask every message, 64 at a time: (answered, errors, start, end)."""
         transport = WebsocketTransport(HOST, 0, unreachable_after=10.0, queue_size=10_000)
         system = ActorSystem(transport=transport)
         registry = system.ref("registry", ws)
         async with trio.open_nursery() as nursery:
             await nursery.start(system.serve)
             errors: collections.Counter[str] = collections.Counter()
-            queue = list(registers)
+            queue = list(enumerate(msgs))
             ok = 0
             t0 = time.time()
 
             async def registerer() -> None:
                 nonlocal ok
                 while queue:
-                    msg = queue.pop()
+                    k, msg = queue.pop()
                     try:
-                        await registry.ask(msg, timeout=30.0)
+                        answer = await registry.ask(msg, timeout=30.0)
+                        if answered is not None:
+                            answered(k, answer)
                         ok += 1
                     except Refused as exc:
                         errors[f"refused {exc.code}"] += 1
@@ -332,21 +341,39 @@ def _worker(idx: int, ws: str, nodes: list[int], case: dict, cfg: dict, conn: An
             async with trio.open_nursery() as inner:
                 for _ in range(min(64, len(queue))):
                     inner.start_soon(registerer)
-            conn.send(("registered", ok, dict(errors), t0, time.time()))
             nursery.cancel_scope.cancel()
+            return ok, dict(errors), t0, time.time()
 
     cmd = conn.recv()
     assert cmd[0] == "register", cmd
     if registers:
-        trio.run(register_all)
+        conn.send(("registered", *trio.run(ask_all, registers)))
     else:
         conn.send(("registered", 0, {}, time.time(), time.time()))
 
+    # ---- sessions (the shipped protocol): one signed opening per node, timed
+    opened: dict[int, Any] = {}
+    if sessions:
+        shares = [session_share() for _ in me]
+        opens = [OpenSession(stmt(ident, "session", name, {"share": shares[k][1]}))
+                 for k, (name, _, ident) in enumerate(me)]
+
+        def keep(k: int, answer: Any) -> None:
+            private, share = shares[k]
+            key = session_key(private, answer["share"], me[k][0], share, answer["share"])
+            opened[k] = HeartbeatSession(answer["session"], key)
+        conn.send(("sessions", *trio.run(ask_all, opens, keep)))
+    else:
+        conn.send(("sessions", 0, {}, time.time(), time.time()))
+
     # ---- pre-sign the heartbeats (not timed): round robin over our nodes
     budget, skew = cfg["budget"], cfg["ts_offset"]
-    if session:
+    if unsigned:
         plain = [Heartbeat(name) for name, _, _ in me]
         beats = [plain[k % len(plain)] for k in range(budget)]
+    elif sessions:
+        live = [opened[k] for k in sorted(opened)]
+        beats = [live[k % len(live)].next() for k in range(budget)] if live else []
     else:
         beats = [SignedHeartbeat(stmt(ident, "heartbeat", name, {}, time.time() + skew))
                  for k in range(budget) for name, _, ident in (me[k % len(me)],)]
@@ -593,6 +620,9 @@ class RunResult:
     registered: int = 0
     register_rate: float | None = None
     register_errors: dict = field(default_factory=dict)
+    sessions: int = 0
+    session_rate: float | None = None
+    session_errors: dict = field(default_factory=dict)
     heartbeats: int = 0
     seconds: float = 0.0
     p50_ms: float | None = None
@@ -648,6 +678,17 @@ def run_variant(args: argparse.Namespace, python: str, workdir: Path, variant: s
     return out
 
 
+def totals(reports: list[tuple]) -> tuple[int, dict, float]:
+    """The load generators' ("...", answered, errors, start, end) reports
+    summed: answered, errors by kind, and the span from first start to last end."""
+    errors: dict[str, int] = {}
+    for m in reports:
+        for key, v in m[2].items():
+            errors[key] = errors.get(key, 0) + v
+    return (sum(m[1] for m in reports), errors,
+            max(m[4] for m in reports) - min(m[3] for m in reports))
+
+
 def run_case(args: argparse.Namespace, reg: Registry, workdir: Path, case: Case,
              register: bool) -> RunResult:
     res = RunResult(case, args.nodes)
@@ -688,21 +729,24 @@ def run_case(args: argparse.Namespace, reg: Registry, workdir: Path, case: Case,
                   f"{time.monotonic() - t:.1f} s ({P} processes)", flush=True)
         regs = recv_all("registered")
         if register:
-            res.registered = sum(m[1] for m in regs)
-            for m in regs:
-                for key, v in m[2].items():
-                    res.register_errors[key] = res.register_errors.get(key, 0) + v
-            span = max(m[4] for m in regs) - min(m[3] for m in regs)
+            res.registered, res.register_errors, span = totals(regs)
             res.register_rate = res.registered / span if span > 0 else None
-            kind = "unsigned Register" if case.variant == "session" else "signed SignedRegister"
+            kind = "unsigned Register" if case.variant == "unsigned" else "signed SignedRegister"
             print(f"  [{tag}] registered {res.registered:,} nodes ({kind} over the websocket, "
                   f"{64 * P} in flight) in {span:.1f} s = {fmt(res.register_rate)}/s; the "
                   f"registry holds {fmt(reg.nodes())}"
                   + (f"; errors {res.register_errors}" if res.register_errors else ""),
                   flush=True)
+        opens = recv_all("sessions")
+        if case.variant == "session":
+            res.sessions, res.session_errors, span = totals(opens)
+            res.session_rate = res.sessions / span if span > 0 else None
+            print(f"  [{tag}] opened {res.sessions:,} heartbeat sessions (signed OpenSession, "
+                  f"{64 * P} in flight) in {span:.1f} s = {fmt(res.session_rate)}/s"
+                  + (f"; errors {res.session_errors}" if res.session_errors else ""), flush=True)
         t = time.monotonic()
         signed = sum(m[1] for m in recv_all("signed"))
-        print(f"  [{tag}] {'pre-signed' if case.variant != 'session' else 'prepared'} "
+        print(f"  [{tag}] {'pre-signed' if case.variant in ('signed', 'noverify') else 'prepared'} "
               f"{signed:,} heartbeats in {time.monotonic() - t:.1f} s (enough for "
               f"{args.max_rate:,.0f}/s over {args.warmup + args.seconds:g} s); "
               f"{case.describe()}", flush=True)
@@ -1109,9 +1153,9 @@ def measure_etcd(exe: str, workdir: Path, args: argparse.Namespace) -> dict:
 
 # ================================================================ main
 
-FULL_CASES = ("signed:actor:1:64,signed:raw:1:64,signed:raw:500:500,noverify:raw:1:64,"
-              "session:raw:1:64,session:raw:500:500")
-QUICK_CASES = "signed:actor:1:64,signed:raw:1:64,session:raw:1:64"
+FULL_CASES = ("session:actor:1:64,session:raw:1:64,session:raw:500:500,signed:actor:1:64,"
+              "signed:raw:1:64,noverify:raw:1:64,unsigned:raw:1:64")
+QUICK_CASES = "session:actor:1:64,session:raw:1:64,signed:raw:1:64"
 
 
 def parse_cases(text: str, profile: bool) -> list[Case]:
@@ -1234,6 +1278,10 @@ def main(argv: list[str] | None = None) -> int:
     if regs:
         print("  registration over the websocket, 128 in flight: " + ", ".join(
             f"{r.variant} {fmt(r.register_rate)}/s" for r in regs))
+    opens = [r for r in results if r.session_rate]
+    if opens:
+        print("  heartbeat sessions opened (signed OpenSession + X25519), 128 in flight: "
+              + ", ".join(f"{r.case.label} {fmt(r.session_rate)}/s" for r in opens))
     print(f"  this machine, now: Ed25519 verify {micro['raw_verify_us']:.0f} us (cryptography), "
           f"the whole statement check (JSON parse + canonical + verify + replay guard) "
           f"{micro['gate_us']:.0f} us, sign {micro['sign_us']:.0f} us")

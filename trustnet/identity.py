@@ -5,11 +5,21 @@ what it says about itself (registration, heartbeats, link reports) must be a
 statement signed by that key. A statement carries a timestamp and a random
 nonce, and the verifier keeps the nonces it saw within the allowed clock
 skew, so a captured statement cannot be replayed.
+
+Heartbeats, the one statement a node makes every interval, go cheaper: a
+signed "session" statement carries an X25519 key share, the registry answers
+with its own, and both derive a session key (session_key). Each heartbeat
+then carries a counter and a MAC under that key (session_mac): one hash for
+the registry instead of an Ed25519 verification. Only the holders of the
+signing key's share can compute the key, so the MAC authenticates the node as
+the signature did; the counter only goes up, so a captured heartbeat cannot
+be replayed.
 """
 
 from __future__ import annotations
 
 import base64
+import hmac
 import os
 import secrets
 import time
@@ -19,7 +29,10 @@ from typing import Any
 import orjson
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 KEY_FILE = "node.key"
 MAX_SKEW = 60.0  # seconds a statement's timestamp may differ from the verifier's clock
@@ -105,6 +118,46 @@ def verify(public_key: str, data: bytes, signature: str) -> bool:
     except (InvalidSignature, IdentityError, ValueError):
         return False
     return True
+
+
+# ------------------------------------------------------------ heartbeat sessions
+
+SESSION_INFO = b"trustnet heartbeat session v1"
+MAC_BYTES = 16  # HMAC-SHA256 truncated to 128 bits (RFC 2104 section 5 allows it)
+
+
+def session_share() -> tuple[X25519PrivateKey, str]:
+    """A fresh X25519 key share: the private half and the public half as base64url."""
+    private = X25519PrivateKey.generate()
+    return private, b64(private.public_key().public_bytes(serialization.Encoding.Raw,
+                                                           serialization.PublicFormat.Raw))
+
+
+def session_key(private: X25519PrivateKey, peer_share: str, node_id: str,
+                node_share: str, registry_share: str) -> bytes:
+    """The 32-byte session key both ends derive: HKDF-SHA256 over the X25519
+    secret, bound to the node and to both shares (a key derived for one
+    node or one exchange is useless for another). IdentityError if the
+    peer's share is not an X25519 public key or gives a degenerate secret."""
+    raw = unb64(peer_share)
+    if len(raw) != 32:
+        raise IdentityError(f"an X25519 key share is 32 bytes, got {len(raw)}")
+    try:
+        secret = private.exchange(X25519PublicKey.from_public_bytes(raw))
+    except ValueError as exc:  # an all-zero secret: a low-order point
+        raise IdentityError(f"unusable X25519 key share: {exc}") from None
+    info = b"|".join((SESSION_INFO, node_id.encode(), node_share.encode(),
+                      registry_share.encode()))
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=info).derive(secret)
+
+
+def session_mac(key: bytes, session: str, counter: int) -> str:
+    """The MAC of heartbeat `counter` of `session`, as hex."""
+    return hmac.digest(key, f"{session}:{counter}".encode(), "sha256")[:MAC_BYTES].hex()
+
+
+def session_mac_ok(key: bytes, session: str, counter: int, mac: str) -> bool:
+    return isinstance(mac, str) and hmac.compare_digest(session_mac(key, session, counter), mac)
 
 
 class ReplayGuard:

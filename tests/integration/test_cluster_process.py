@@ -20,9 +20,9 @@ import socket
 import time
 
 import httpx
-import pytest
 import trio
 
+from node_process import NodeProcess
 from registry_process import RegistryProcess
 from trustnet.consensus.linearizability import CONFLICT, NOT_FOUND, OK, UNKNOWN, Operation, RegistryModel, check
 
@@ -74,6 +74,12 @@ class Cluster:
         self.procs[rid] = proc
         await proc.start(self.nursery)
 
+    async def start_all(self) -> None:
+        """The founding replicas, started together."""
+        async with trio.open_nursery() as starting:
+            for rid in IDS:
+                starting.start_soon(self.start, rid)
+
     def url(self, rid: str) -> str:
         return f"http://[::1]:{self.http[rid]}"
 
@@ -111,9 +117,7 @@ async def test_cluster_survives_kills_pauses_and_restarts(tmp_path):
     async with trio.open_nursery() as nursery:
         cluster = Cluster(tmp_path, nursery)
         try:
-            async with trio.open_nursery() as starting:
-                for rid in IDS:
-                    starting.start_soon(cluster.start, rid)
+            await cluster.start_all()
             limits = httpx.Limits(max_keepalive_connections=0)
             async with httpx.AsyncClient(limits=limits) as client:
                 await cluster.leader(client, timeout=15)
@@ -252,9 +256,7 @@ async def test_members_join_and_leave_and_answers_carry_raft_positions(tmp_path)
     async with trio.open_nursery() as nursery:
         cluster = Cluster(tmp_path, nursery, spare=("r4",))
         try:
-            async with trio.open_nursery() as starting:
-                for rid in IDS:
-                    starting.start_soon(cluster.start, rid)
+            await cluster.start_all()
             async with httpx.AsyncClient() as client:
                 leader = await cluster.leader(client, timeout=15)
                 follower = next(r for r in IDS if r != leader)
@@ -322,3 +324,71 @@ async def test_members_join_and_leave_and_answers_carry_raft_positions(tmp_path)
                 await cluster.aclose()
             nursery.cancel_scope.cancel()
 
+
+
+async def test_a_node_heartbeats_through_a_follower_and_across_a_failover(tmp_path):
+    """A real node whose registry address is a follower: its heartbeat
+    session is opened on the leader (forwarded) and its MAC'd heartbeats
+    renew the lease there. The leader is killed: the new leader knows no
+    session and says "no_session", the node opens a new one through the
+    same follower, and its lease goes on being renewed on the new leader."""
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(tmp_path, nursery)
+        node = None
+        try:
+            await cluster.start_all()
+            async with httpx.AsyncClient() as client:
+                leader = await cluster.leader(client, timeout=15)
+                follower = next(r for r in IDS if r != leader)
+                node = NodeProcess(tmp_path, "n1", "::1", registry_ws=cluster.address(follower),
+                                   registry_url=cluster.url(follower))
+                api = await node.start(nursery)
+
+                async def node_health() -> dict:
+                    try:
+                        return (await client.get(api + "/health", timeout=2.0)).json()
+                    except (httpx.HTTPError, ValueError):
+                        return {}
+
+                async def lease_on(rid: str) -> float | None:
+                    try:
+                        r = await client.get(cluster.url(rid) + "/nodes/n1", timeout=2.0)
+                    except httpx.HTTPError:
+                        return None
+                    return r.json().get("lease_deadline") if r.status_code == 200 else None
+
+                async def beating_in_one_session():
+                    h = await node_health()
+                    return h.get("heartbeat_session") and h.get("sessions_opened") == 1
+                await _until(beating_in_one_session, "the node heartbeating in a session")
+                before = await _until(lambda: lease_on(leader), "the node's lease on the leader")
+                await trio.sleep(1.5)  # three intervals: MAC'd beats renew it on the leader
+                assert (await lease_on(leader)) > before
+                assert (await node_health())["sessions_opened"] == 1
+
+                mark = len(node.lines)
+                cluster.procs[leader].process.kill()
+                await cluster.procs[leader].wait()
+                new_leader = await cluster.leader(client, timeout=15)
+                assert new_leader != leader
+                refused = await node.wait_for_log(
+                    lambda d: d.get("message") == "heartbeat session refused, opening a new one",
+                    start=mark, timeout=20)
+                assert refused["code"] == "no_session"
+
+                async def new_session_renewing():
+                    h = await node_health()
+                    return (h.get("sessions_opened") == 2 and h.get("heartbeat_misses") == 0
+                            and h.get("registered"))
+                await _until(new_session_renewing, "the node in a new session")
+                after = await _until(lambda: lease_on(new_leader), "the lease on the new leader")
+                await trio.sleep(1.5)
+                assert (await lease_on(new_leader)) > after
+                assert not node.logs("registry does not know this node (lease expired), "
+                                     "registering again")
+        finally:
+            with trio.CancelScope(shield=True):
+                if node is not None:
+                    await node.aclose()
+                await cluster.aclose()
+            nursery.cancel_scope.cancel()

@@ -21,20 +21,30 @@ from trustnet.node.mesh import MeshActor
 from trustnet.node.messages import Broadcast, GetInbox
 from trustnet.node.tree import run_node
 from trustnet.registry.messages import GetNode
-from trustnet.registry.node_protocol import Candidates, LinkReport, SignedHeartbeat, SignedRegister
+from trustnet.registry.node_protocol import (
+    Candidates,
+    LinkReport,
+    OpenSession,
+    SessionHeartbeat,
+    SignedHeartbeat,
+    SignedRegister,
+)
+from trustnet.registry.sessions import SessionTable
 
 REGISTRY = "ws://[fd10:1234:ffff::1]:8001"
 TTL = 15.0
 
 
 class FakeRegistry(Actor):
-    """node_protocol in ~50 lines: signed register/heartbeat/link reports, leases, candidates."""
+    """node_protocol in ~60 lines: signed register/heartbeat/link reports,
+heartbeat sessions (the real SessionTable), leases, candidates."""
 
     def __init__(self, seed: int):
         self.nodes: dict[str, dict] = {}
         self.keys: dict[str, str] = {}
         self.deadline: dict[str, float] = {}
         self.guard = ReplayGuard()
+        self.sessions = SessionTable()
         self.rng = random.Random(seed)
         self.reports: list[tuple[str, str, str]] = []
 
@@ -52,6 +62,12 @@ class FakeRegistry(Actor):
     def _live(self, node_id: str) -> bool:
         return self.deadline.get(node_id, -1.0) > trio.current_time()
 
+    def _renew(self, node_id: str, now: float) -> dict:
+        if not self._live(node_id):
+            raise Refused("not_found", f"{node_id!r}: lease expired")
+        self.deadline[node_id] = now + TTL
+        return {"node_id": node_id, "lease_deadline": now + TTL, "ttl": TTL}
+
     async def receive(self, msg):
         now = trio.current_time()
         match msg:
@@ -67,10 +83,13 @@ class FakeRegistry(Actor):
                 return {"node": self.nodes[node_id], "heartbeat_interval": 5.0, "ttl": TTL}
             case SignedHeartbeat(text):
                 node_id, _ = self._check(text, "heartbeat")
-                if not self._live(node_id):
-                    raise Refused("not_found", f"{node_id!r}: lease expired")
-                self.deadline[node_id] = now + TTL
-                return {"node_id": node_id, "lease_deadline": now + TTL, "ttl": TTL}
+                return self._renew(node_id, now)
+            case OpenSession(text):
+                node_id, body = self._check(text, "session")
+                session, share = self.sessions.open(node_id, self.keys[node_id], body["share"])
+                return {**self._renew(node_id, now), "session": session, "share": share}
+            case SessionHeartbeat(session, counter, mac):
+                return self._renew(self.sessions.check(session, counter, mac).node_id, now)
             case LinkReport(text):
                 node_id, body = self._check(text, "link")
                 self.reports.append((node_id, body["peer"], body["state"]))
@@ -218,6 +237,12 @@ async def test_fifty_nodes_form_a_mesh_and_heal(seeded, autojump_clock):
         await settle(cluster, alive, limit=300)
         await broadcast_reaches_all(cluster, "n01", alive)
         assert all(code == 0 for code in cluster.exits.values()), cluster.exits
+        # Every live node renewed through one heartbeat session all along:
+        # one signed opening, then MAC'd beats.
+        for name in alive:
+            beats = cluster.contexts[name].actors["heartbeat"]
+            assert beats.sessions_opened == 1 and beats.session.counter >= 3, name
+            assert beats.misses == 0 and beats.registered, name
         nursery.cancel_scope.cancel()
 
 

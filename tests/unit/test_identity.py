@@ -89,3 +89,62 @@ def test_replay_cache_is_pruned():
     for t in range(0, 1000, 5):
         guard.check(me.statement("hb", "n", {}, now=float(t)), me.public_key, "hb", now=float(t))
     assert len(guard._seen) < 20
+
+
+# ------------------------------------------------------------------ heartbeat sessions
+
+
+def test_both_ends_of_a_session_derive_the_same_key_and_only_they():
+    from trustnet.identity import session_key, session_mac, session_mac_ok, session_share
+
+    node_private, node_share = session_share()
+    reg_private, reg_share = session_share()
+    at_node = session_key(node_private, reg_share, "n1", node_share, reg_share)
+    at_registry = session_key(reg_private, node_share, "n1", node_share, reg_share)
+    assert at_node == at_registry and len(at_node) == 32
+    # bound to the node's name and to the shares exchanged
+    assert session_key(reg_private, node_share, "n2", node_share, reg_share) != at_node
+    _, other_share = session_share()
+    assert session_key(reg_private, other_share, "n1", other_share, reg_share) != at_node
+
+    mac = session_mac(at_node, "s1", 7)
+    assert session_mac_ok(at_registry, "s1", 7, mac)
+    assert not session_mac_ok(at_registry, "s1", 8, mac)
+    assert not session_mac_ok(at_registry, "s2", 7, mac)
+    assert not session_mac_ok(bytes(32), "s1", 7, mac)
+    assert not session_mac_ok(at_registry, "s1", 7, None)
+
+
+def test_a_session_key_needs_a_real_x25519_share():
+    from trustnet.identity import b64, session_key, session_share
+
+    private, share = session_share()
+    for bad in (b64(bytes(31)), b64(bytes(32)), "***"):
+        with pytest.raises(IdentityError):
+            session_key(private, bad, "n1", bad, share)
+
+
+def test_session_table_one_session_per_node():
+    from trustnet.identity import session_key, session_mac, session_share
+    from trustnet.registry.sessions import BadSession, NoSession, SessionTable
+
+    table = SessionTable()
+    private, share = session_share()
+    sid, theirs = table.open("n1", "pk1", share)
+    key = session_key(private, theirs, "n1", share, theirs)
+    assert table.check(sid, 1, session_mac(key, sid, 1)).node_id == "n1"
+    with pytest.raises(BadSession):
+        table.check(sid, 1, session_mac(key, sid, 1))
+    with pytest.raises(BadSession):
+        table.check(sid, True, session_mac(key, sid, 1))
+    sid2, _ = table.open("n1", "pk1", session_share()[1])
+    assert len(table) == 1
+    with pytest.raises(NoSession):
+        table.check(sid, 2, session_mac(key, sid, 2))
+    table.drop("n1")
+    table.drop("n1")  # dropping nothing is fine
+    assert len(table) == 0
+    with pytest.raises(NoSession):
+        table.check(sid2, 1, "x")
+    with pytest.raises(IdentityError):
+        table.open("n2", "pk2", None)

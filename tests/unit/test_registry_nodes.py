@@ -24,12 +24,19 @@ import pytest
 import trio
 
 from actors import ActorSystem, Refused
-from trustnet.identity import NodeIdentity
+from trustnet.identity import NodeIdentity, b64, session_key, session_mac, session_share
 from trustnet.registry import messages as m
 from trustnet.registry.actor import RegistryActor
 from trustnet.registry.commands import Invalid
 from trustnet.registry.http import create_app
-from trustnet.registry.node_protocol import Candidates, LinkReport, SignedHeartbeat, SignedRegister
+from trustnet.registry.node_protocol import (
+    Candidates,
+    LinkReport,
+    OpenSession,
+    SessionHeartbeat,
+    SignedHeartbeat,
+    SignedRegister,
+)
 from trustnet.registry.nodes import (
     HEARTBEAT_WEIGHT,
     LINK_WEIGHT,
@@ -82,9 +89,33 @@ class Node:
     def heartbeat(self, **kw: Any) -> SignedHeartbeat:
         return SignedHeartbeat(self.statement("heartbeat", {}, **kw))
 
+    def open_session(self, share: str | None = None, **kw: Any) -> tuple[OpenSession, Any, str]:
+        """An OpenSession statement, the private half of its key share, the share."""
+        private, mine = session_share()
+        share = mine if share is None else share
+        return OpenSession(self.statement("session", {"share": share}, **kw)), private, share
+
+    async def session(self, env: "Env") -> "Beats":
+        msg, private, share = self.open_session()
+        answer = await env.ask(msg)
+        key = session_key(private, answer["share"], self.id, share, answer["share"])
+        return Beats(answer["session"], key)
+
     def link(self, peer: str, state: str, rtt_ms: float | None = None, **kw: Any) -> LinkReport:
         return LinkReport(self.statement("link", {"peer": peer, "state": state,
                                                   "rtt_ms": rtt_ms}, **kw))
+
+
+class Beats:
+    """A node's end of a heartbeat session."""
+
+    def __init__(self, session: str, key: bytes):
+        self.session, self.key, self.counter = session, key, 0
+
+    def next(self, counter: int | None = None) -> SessionHeartbeat:
+        self.counter = self.counter + 1 if counter is None else counter
+        return SessionHeartbeat(self.session, self.counter,
+                                session_mac(self.key, self.session, self.counter))
 
 
 class Env:
@@ -301,6 +332,118 @@ async def test_heartbeat_after_the_lease_ran_out_is_not_found(tmp_path):
         assert refusal.code == "not_found"
         await env.ask(node.register())  # what the node does next
         await env.ask(node.heartbeat())
+
+
+# ------------------------------------------------------------------ heartbeat sessions
+
+
+async def test_a_session_opens_with_a_signed_statement_and_renews_by_mac(env):
+    node = await env.registered("n1", 1)
+    first = env.actor.leases.deadline("n1")
+    env.clock.jump(5)
+    msg, private, share = node.open_session()
+    answer = await env.ask(msg)
+    assert set(answer) == {"node_id", "lease_deadline", "ttl", "session", "share"}
+    assert answer["lease_deadline"] > first  # the opening renews like a signed heartbeat
+    beats = Beats(answer["session"], session_key(private, answer["share"], "n1", share,
+                                                 answer["share"]))
+    for _ in range(3):
+        env.clock.jump(5)
+        renewed = await env.ask(beats.next())
+        assert set(renewed) == {"node_id", "lease_deadline", "ttl"}
+        assert renewed["node_id"] == "n1"
+        assert env.actor.leases.deadline("n1") == renewed["lease_deadline"]
+    assert renewed["lease_deadline"] > answer["lease_deadline"]
+    # through the HTTP facade the node shows the heartbeat
+    status, body = await call(env.client(), "GET", "/nodes/n1")
+    assert status == 200 and body["lease_deadline"] == renewed["lease_deadline"]
+
+
+async def test_a_forged_or_replayed_session_heartbeat_is_bad_session(env):
+    node = await env.registered("n1", 1)
+    beats = await node.session(env)
+    good = beats.next()
+    await env.ask(good)
+    assert (await env.refusal(good)).code == "bad_session"  # the same again: a replay
+    assert (await env.refusal(beats.next(counter=1))).code == "bad_session"  # an old counter
+    forged = SessionHeartbeat(beats.session, 7, bytes(16).hex())
+    refusal = await env.refusal(forged)
+    assert refusal.code == "bad_session" and "does not verify" in refusal.message
+    wrong_key = Beats(beats.session, bytes(32)).next(counter=8)
+    assert (await env.refusal(wrong_key)).code == "bad_session"
+    for counter in (0, -1):
+        msg = SessionHeartbeat(beats.session, counter, session_mac(beats.key, beats.session, counter))
+        assert (await env.refusal(msg)).code == "bad_session"
+    # A forged high counter did not move the session on: the owner goes on.
+    await env.ask(beats.next(counter=2))
+    await env.ask(beats.next())
+
+
+async def test_an_unknown_session_is_no_session(env):
+    await env.registered("n1", 1)
+    msg = SessionHeartbeat("0" * 24, 1, bytes(16).hex())
+    assert (await env.refusal(msg)).code == "no_session"
+
+
+@pytest.mark.parametrize("case", ["purpose", "replay", "other_key", "short_share", "not_b64",
+                                  "low_order", "extra_field", "no_key"])
+async def test_a_bad_session_opening_is_bad_statement(env, case):
+    node = await env.registered("n1", 1)
+    if case == "purpose":
+        msg = OpenSession(node.statement("heartbeat", {"share": session_share()[1]}))
+    elif case == "replay":
+        msg = node.open_session()[0]
+        await env.ask(msg)
+    elif case == "other_key":
+        msg = OpenSession(node.statement("session", {"share": session_share()[1]},
+                                         signer=NodeIdentity.generate()))
+    elif case == "short_share":
+        msg = node.open_session(share=b64(bytes(31)))[0]
+    elif case == "not_b64":
+        msg = node.open_session(share="%%%")[0]
+    elif case == "low_order":  # the all-zero point gives an all-zero secret
+        msg = node.open_session(share=b64(bytes(32)))[0]
+    elif case == "extra_field":
+        msg = OpenSession(node.statement("session", {"share": session_share()[1], "x": 1}))
+    else:
+        await env.ask(m.Register(node_id="open", ipv6="fd10:1234::5"))
+        msg = env.node("open", 5).open_session()[0]
+    assert (await env.refusal(msg)).code == "bad_statement"
+    assert len(env.actor.sessions) == (1 if case == "replay" else 0)
+
+
+async def test_a_new_session_closes_the_old_one(env):
+    node = await env.registered("n1", 1)
+    old = await node.session(env)
+    new = await node.session(env)
+    assert (await env.refusal(old.next())).code == "no_session"
+    await env.ask(new.next())
+    assert len(env.actor.sessions) == 1
+
+
+async def test_a_session_dies_with_its_lease_and_after_a_release(tmp_path):
+    async with running(tmp_path, ttl=30.0, sweep_interval=3600.0) as env:
+        node = await env.registered("n1", 1)
+        beats = await node.session(env)
+        env.clock.jump(31)
+        assert env.actor.expire_due() == ["n1"]
+        assert (await env.refusal(beats.next())).code == "no_session"
+        await env.ask(node.register())
+        beats = await node.session(env)
+        await env.ask(beats.next())
+        # The name is released and taken by another key: the old session is refused.
+        status, _ = await call(env.client(), "DELETE", "/nodes/n1/identity")
+        assert status == 200
+        await env.ask(env.node("n1", 2).register())
+        assert (await env.refusal(beats.next())).code == "no_session"
+
+
+async def test_a_session_heartbeat_after_the_lease_ran_out_is_not_found(tmp_path):
+    async with running(tmp_path, ttl=30.0, sweep_interval=3600.0) as env:
+        node = await env.registered("n1", 1)
+        beats = await node.session(env)
+        env.clock.jump(31)  # not swept yet: the heartbeat finds the lapsed lease
+        assert (await env.refusal(beats.next())).code == "not_found"
 
 
 async def test_unsigned_heartbeat_of_a_bound_node_is_signature_required(env):

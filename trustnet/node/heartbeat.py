@@ -2,9 +2,12 @@
 
 - At start it registers (SignedRegister over the actor link to the registry),
   retrying with backoff for at most `startup_timeout`; then the node exits 1.
-- It renews with SignedHeartbeat every heartbeat interval, at a phase drawn
-  from a random generator seeded by the node id (nodes started together do
-  not heartbeat together).
+- It renews every heartbeat interval, at a phase drawn from a random
+  generator seeded by the node id (nodes started together do not heartbeat
+  together), through a heartbeat session (trustnet.registry.sessions): a
+  signed OpenSession first, then SessionHeartbeats carrying a counter and a
+  MAC. "no_session" / "bad_session" (the registry restarted, leadership
+  moved, the lease lapsed) -> open a new session at once.
 - A missed heartbeat is logged at info and retried after a third of the
   interval; the third miss in a row and every one after it at error.
 - "not_found" (the lease expired) -> register again, then have the mesh
@@ -24,7 +27,8 @@ import orjson
 import trio
 
 from actors import Actor, ActorError, Refused
-from trustnet.registry.node_protocol import SignedHeartbeat, SignedRegister
+from trustnet.identity import IdentityError, session_key, session_mac, session_share
+from trustnet.registry.node_protocol import OpenSession, SessionHeartbeat, SignedRegister
 
 from .context import NodeContext, NodeFatal
 from .mesh import MESH_ACTOR
@@ -33,6 +37,20 @@ from .messages import HeartbeatStatus, ReportLinks
 log = logging.getLogger("trustnet.node.heartbeat")
 
 FATAL_REFUSALS = ("name_taken", "bad_statement", "ipv6_taken", "invalid")
+SESSION_REFUSALS = ("no_session", "bad_session")
+
+
+class HeartbeatSession:
+    """The node's end of a heartbeat session: its id, key and last counter."""
+
+    def __init__(self, session_id: str, key: bytes):
+        self.id = session_id
+        self.key = key
+        self.counter = 0
+
+    def next(self) -> SessionHeartbeat:
+        self.counter += 1
+        return SessionHeartbeat(self.id, self.counter, session_mac(self.key, self.id, self.counter))
 
 
 class HeartbeatActor(Actor):
@@ -44,6 +62,8 @@ class HeartbeatActor(Actor):
         self.misses = 0
         self.last_ok: float | None = None
         self.lease_deadline: float | None = None
+        self.session: HeartbeatSession | None = None
+        self.sessions_opened = 0
         self.rng = random.Random(f"heartbeat:{self.p.node_id}")
 
     # ------------------------------------------------------------ lifecycle
@@ -58,7 +78,9 @@ class HeartbeatActor(Actor):
             age = None if self.last_ok is None else trio.current_time() - self.last_ok
             return {"registered": self.registered, "misses": self.misses,
                     "last_ok_age": age, "interval": self.interval,
-                    "lease_deadline": self.lease_deadline}
+                    "lease_deadline": self.lease_deadline,
+                    "session": self.session is not None,
+                    "sessions_opened": self.sessions_opened}
         return await super().receive(msg)
 
     # ------------------------------------------------------------ registry calls
@@ -81,10 +103,39 @@ class HeartbeatActor(Actor):
                                            "port": self.p.port, "interval": self.interval})
 
     async def _heartbeat(self) -> None:
-        answer = await self.node.registry.ask(SignedHeartbeat(self._statement("heartbeat", {})),
-                                              timeout=self.p.request_timeout)
+        if self.session is None:
+            answer = await self._open_session()
+        else:
+            try:
+                answer = await self.node.registry.ask(self.session.next(),
+                                                      timeout=self.p.request_timeout)
+            except Refused as exc:
+                if exc.code not in SESSION_REFUSALS:
+                    raise
+                log.info("heartbeat session refused, opening a new one",
+                         extra={"node_id": self.p.node_id, "code": exc.code})
+                self.session = None
+                answer = await self._open_session()
         if isinstance(answer, dict):
             self.lease_deadline = answer.get("lease_deadline")
+
+    async def _open_session(self) -> dict:
+        """A signed OpenSession (it renews the lease too); keeps the session."""
+        private, share = session_share()
+        answer = await self.node.registry.ask(
+            OpenSession(self._statement("session", {"share": share})),
+            timeout=self.p.request_timeout)
+        try:
+            theirs = answer["share"]
+            key = session_key(private, theirs, self.p.node_id, share, theirs)
+            self.session = HeartbeatSession(answer["session"], key)
+        except (KeyError, TypeError, IdentityError) as exc:
+            # The lease was renewed; the next beat tries a new session.
+            log.warning("registry answered a session opening without a usable session",
+                        extra={"node_id": self.p.node_id, "error": str(exc)})
+            return answer if isinstance(answer, dict) else {}
+        self.sessions_opened += 1
+        return answer
 
     def _refused_fatally(self, exc: Refused) -> None:
         if exc.code in FATAL_REFUSALS:

@@ -94,6 +94,8 @@ def create_app(mesh: Ref, heartbeat: Ref, node_id: str, *, ask_timeout: float = 
         ok = hb["registered"] and hb["misses"] < 3
         return json_response({"status": "ok" if ok else "degraded", "node_id": node_id,
                               "registered": hb["registered"], "heartbeat_misses": hb["misses"],
+                              "heartbeat_session": hb["session"],
+                              "sessions_opened": hb["sessions_opened"],
                               "peers": len(peers["peers"])}, 200 if ok else 503)
 
     @app.get("/version")

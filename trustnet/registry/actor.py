@@ -4,13 +4,15 @@ Every change becomes a command (commands.py) applied by RegistryState. Writes
 that queue up together are applied as one batch, one transaction, one fsync;
 an ask is answered only after its batch committed. Heartbeats only touch the
 in-memory LeaseTable; deadlines reach the disk in periodic checkpoints and
-expirations are commands like any other.
+expirations are commands like any other. Nodes heartbeat through sessions
+(sessions.py): one signed opening, then a MAC per heartbeat.
 
 Replicated mode (`consensus` set, issue 4): writes become commands as above
 and are proposed to the local ConsensusActor (which forwards them to the
 leader) from tasks, so the mailbox keeps flowing; each is answered once
 committed and applied. Leases live on the leader only: a follower forwards
-heartbeats to the leader's RegistryActor (LeaderHeartbeat); only the leader
+heartbeats to the leader's RegistryActor (LeaderHeartbeat, or the session
+message marked forwarded; sessions live with the leases); only the leader
 sweeps and checkpoints, through the log, and its expiries carry its term. A
 new leader adopts the stored leases with a bounded grace: max(stored
 deadline, min(election + ttl, last heartbeat + 2 ttl)), so frequent
@@ -25,10 +27,12 @@ import random
 import time
 from typing import Any, Callable
 
+import attrs
 import trio
 
 from actors import Actor, ActorError, Letter, Ref, Refused
 from trustnet.consensus.actor import ClusterStatus, CommitUnknown, NoLeader, Propose
+from trustnet.identity import IdentityError
 
 from . import messages as m
 from . import node_protocol as np
@@ -48,6 +52,7 @@ from .commands import (
 )
 from .leases import LeaseTable
 from .nodes import BadStatement, ReputationBook, StatementGate, candidates, register_request
+from .sessions import NoSession, SessionTable
 from .state import RegistryState, iso_utc
 
 log = logging.getLogger("trustnet.registry")
@@ -55,6 +60,9 @@ log = logging.getLogger("trustnet.registry")
 WRITES = (m.Register, m.Deregister, m.CreateDomainReq, m.AddPeerReq, m.RemovePeerReq,
           m.ReleaseName, np.SignedRegister, np.LinkReport)
 LINK_STATES = ("open", "closed", "failed")
+# What renews a lease; in replicated mode they go to the leader.
+LEASE_MESSAGES = (m.Heartbeat, np.SignedHeartbeat, m.LeaderHeartbeat, np.OpenSession,
+                  np.SessionHeartbeat)
 MAX_BATCH = 512
 CHECKPOINT_CHUNK = 2000
 
@@ -80,6 +88,7 @@ class RegistryActor(Actor):
         self.sweep_interval = sweep_interval or min(1.0, ttl / 6)
         self.clock = clock
         self.leases = LeaseTable(ttl)
+        self.sessions = SessionTable()  # heartbeat sessions, kept with the leases
 
     # ------------------------------------------------------------ lifecycle
 
@@ -250,7 +259,7 @@ class RegistryActor(Actor):
             return {"created": created, "node": self._fresh(result),
                     "heartbeat_interval": self.heartbeat_interval, "ttl": self.ttl}
         if isinstance(cmd, DeleteNode):
-            self.leases.drop(cmd.node_id)
+            self._drop_lease(cmd.node_id)
             log.info("node deregistered", extra={"node_id": cmd.node_id})
         if isinstance(cmd, ReleaseIdentity):
             log.warning("node name released", extra={"node_id": cmd.node_id})
@@ -274,6 +283,8 @@ class RegistryActor(Actor):
 
     async def receive(self, msg: Any) -> Any:
         match msg:
+            case np.SessionHeartbeat() | np.OpenSession():
+                return self._lease_message(msg)
             case m.Heartbeat(node_id):
                 if self.state.public_key_of(node_id) is not None:
                     raise Refused("signature_required",
@@ -362,7 +373,7 @@ class RegistryActor(Actor):
         [result] = self.state.apply_batch(
             [(self.state.applied_index + 1, ExpireNodes(node_ids=tuple(due), at=now))])
         for node_id in due:
-            self.leases.drop(node_id)
+            self._drop_lease(node_id)
         for node_id in result["expired"]:
             log.error("node expired", extra={"node_id": node_id, "ttl": self.ttl})
         return result["expired"]
@@ -407,19 +418,18 @@ class RegistryActor(Actor):
             rid = getattr(msg, "request_id", "") or os.urandom(8).hex()
             self.nursery.start_soon(self._propose_write, letter, cmd, rid, now)
             return True
-        if isinstance(msg, (m.Heartbeat, np.SignedHeartbeat, m.LeaderHeartbeat)):
-            node_id = getattr(msg, "node_id", "")
-            statement = getattr(msg, "statement", "")
+        if isinstance(msg, LEASE_MESSAGES):
             if self.leader_term:
                 try:
-                    letter.answer(self._leader_heartbeat(node_id, statement))
+                    letter.answer(self._lease_message(msg))
                 except Refused as refusal:
                     letter.fail(refusal)
-            elif isinstance(msg, m.LeaderHeartbeat):  # forwarded once, never again
+            elif isinstance(msg, m.LeaderHeartbeat) or getattr(msg, "forwarded", False):
+                # forwarded once, never again
                 letter.fail(Refused("not_leader", "this replica does not lead",
                                     {"leader": self.raft.get("leader")}))
             else:
-                self.nursery.start_soon(self._forward_heartbeat, letter, node_id, statement)
+                self.nursery.start_soon(self._forward_heartbeat, letter, msg)
             return True
         return False
 
@@ -467,7 +477,7 @@ class RegistryActor(Actor):
         elif not leads and self.leader_term:
             log.info("registry lost leadership", extra={"term": self.leader_term})
             self.leader_term = 0
-            self.leases = LeaseTable(self.ttl)
+            self._forget_leases()
 
     async def _watch_leadership(self) -> None:
         while True:
@@ -476,7 +486,7 @@ class RegistryActor(Actor):
 
     def _become_leader(self, term: int) -> None:
         self.leader_term, self.leader_since = term, self.clock()
-        self.leases = LeaseTable(self.ttl)
+        self._forget_leases()
         for node_id, (deadline, last) in self.state.lease_table().items():
             self._adopt(node_id, deadline, last)
         self.leases.take_dirty()  # nothing new to checkpoint: they came from the log
@@ -489,6 +499,46 @@ class RegistryActor(Actor):
             grace = min(grace, last + 2 * self.ttl)
         self.leases.grant(node_id, last if last is not None else self.leader_since,
                           max(deadline or 0.0, grace))
+
+    def _lease_message(self, msg: Any) -> dict:
+        """A heartbeat of any kind (or a session opening), on the replica
+        that keeps the leases."""
+        if isinstance(msg, np.SessionHeartbeat):
+            session = self.sessions.check(msg.session, msg.counter, msg.mac)
+            if self.state.public_key_of(session.node_id) != session.public_key:
+                self.sessions.drop(session.node_id)  # the name was released (and taken)
+                raise NoSession(f"node {session.node_id!r} is no longer bound to the key "
+                                "that opened this session", {"node_id": session.node_id})
+            return self._renew(session.node_id)
+        if isinstance(msg, np.OpenSession):
+            return self._open_session(msg.statement)
+        return self._leader_heartbeat(getattr(msg, "node_id", ""), getattr(msg, "statement", ""))
+
+    def _open_session(self, statement: str) -> dict:
+        """A signed "session" statement opens a heartbeat session (and counts
+        as a signed heartbeat): the answer carries its id and our key share."""
+        stmt = self.gate.parse(statement)
+        node_id = stmt["node_id"]
+        key = self._bound_key(node_id)
+        body = self.gate.check(stmt, key, "session", self.clock())
+        if set(body) != {"share"}:
+            raise BadStatement("a session statement's body is exactly {\"share\": ...}",
+                               {"node_id": node_id})
+        try:
+            session, share = self.sessions.open(node_id, key, body["share"])
+        except IdentityError as exc:
+            raise BadStatement(str(exc), {"node_id": node_id}) from None
+        return {**self._renew(node_id), "session": session, "share": share}
+
+    def _drop_lease(self, node_id: str) -> None:
+        self.leases.drop(node_id)
+        self.sessions.drop(node_id)
+
+    def _forget_leases(self) -> None:
+        """Leadership came or went: leases (and the sessions that renew them)
+        start over."""
+        self.leases = LeaseTable(self.ttl)
+        self.sessions.clear()
 
     def _leader_heartbeat(self, node_id: str, statement: str) -> dict:
         if statement:
@@ -516,12 +566,16 @@ class RegistryActor(Actor):
             return None
         return (self.raft.get("members") or {}).get(leader)
 
-    async def _forward_heartbeat(self, letter: Letter, node_id: str, statement: str) -> None:
+    async def _forward_heartbeat(self, letter: Letter, msg: Any) -> None:
+        if isinstance(msg, (np.OpenSession, np.SessionHeartbeat)):
+            onward = attrs.evolve(msg, forwarded=True)
+        else:
+            onward = m.LeaderHeartbeat(getattr(msg, "node_id", ""), getattr(msg, "statement", ""))
         deadline = trio.current_time() + self.propose_timeout
         while trio.current_time() < deadline:
             if self.leader_term:
                 try:
-                    letter.answer(self._leader_heartbeat(node_id, statement))
+                    letter.answer(self._lease_message(msg))
                 except Refused as refusal:
                     letter.fail(refusal)
                 return
@@ -529,7 +583,7 @@ class RegistryActor(Actor):
             if address is not None:
                 try:
                     letter.answer(await self.system.ref("registry", address).ask(
-                        m.LeaderHeartbeat(node_id, statement),
+                        onward,
                         timeout=max(0.1, deadline - trio.current_time())))
                     return
                 except Refused as refusal:
@@ -565,7 +619,7 @@ class RegistryActor(Actor):
             return
         for node_id in due:
             if (self.leases.deadline(node_id) or 0.0) <= now:  # not renewed meanwhile
-                self.leases.drop(node_id)
+                self._drop_lease(node_id)
         for node_id in result["expired"]:
             log.error("node expired", extra={"node_id": node_id, "ttl": self.ttl})
 

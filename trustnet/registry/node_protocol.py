@@ -10,9 +10,20 @@ string so the registry verifies exactly the bytes that were signed.
 | ---                | ---               | ---                                               | ---    |
 | SignedRegister     | "register"        | {"ipv6", "port", "domain", "public_key"}          | {"node": node, "heartbeat_interval", "ttl"} |
 | SignedHeartbeat    | "heartbeat"       | {}                                                | {"node_id", "lease_deadline", "ttl"} |
+| OpenSession        | "session"         | {"share": X25519 public key, base64url}           | {"session", "share", "node_id", "lease_deadline", "ttl"} |
+| SessionHeartbeat   | (MAC'd, see below)| session, counter, mac                             | {"node_id", "lease_deadline", "ttl"} |
 | LinkReport         | "link"            | {"peer", "state": "open"/"closed"/"failed", "rtt_ms": float or null} | {"ok": true} |
 | Candidates         | (not signed)      |                                                   | {"peers": [{"id", "ipv6", "port", "domain", "public_key", "reputation"}]} |
 | GetNode            | (registry.messages.GetNode: a node's public key for the link handshake) |
+
+A node heartbeats through a session (trustnet.registry.sessions): it opens
+one with a signed OpenSession, which also renews its lease, both ends derive
+a key from the two X25519 shares (identity.session_key), and each
+SessionHeartbeat carries a counter above the last one and
+identity.session_mac(key, session, counter). "no_session" (the registry
+restarted, leadership moved, or the lease lapsed) and "bad_session" (a MAC or
+counter that did not verify) mean: open a new session. SignedHeartbeat, one
+signature per heartbeat, is still accepted.
 
 Refusals (actors.Refused, codes): "not_found" (unknown node or lease
 expired: register again), "bad_statement" (malformed, stale, replayed or not
@@ -44,3 +55,20 @@ class LinkReport:
 class Candidates:
     node_id: str
     limit: int = 20
+
+
+@message("registry.node.open_session")
+class OpenSession:
+    """`forwarded`: sent on by a follower replica to the leader (which keeps
+    leases and sessions); a replica that does not lead refuses it."""
+
+    statement: str
+    forwarded: bool = False
+
+
+@message("registry.node.session_heartbeat")
+class SessionHeartbeat:
+    session: str
+    counter: int
+    mac: str
+    forwarded: bool = False
