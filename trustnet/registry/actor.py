@@ -121,10 +121,20 @@ class RegistryActor(Actor):
     # ------------------------------------------------------------ letters
 
     async def handle(self, letter: Letter) -> None:
-        while isinstance(letter.msg, np.SignedHeartbeat) and (
+        # Heartbeats queued together (what a link's frame batch brings) are
+        # answered together, so their replies leave in one frame too.
+        while isinstance(letter.msg, (np.SessionHeartbeat, np.SignedHeartbeat)) and (
                 self.consensus is None or self.leader_term):
-            batch, after = self._gather(letter, np.SignedHeartbeat)
-            await self._signed_heartbeats(batch)
+            kind = type(letter.msg)
+            if kind is np.SessionHeartbeat:
+                # Let the links read what has arrived first: a bigger batch
+                # (what the worker thread does for signed ones, for free).
+                await trio.lowlevel.checkpoint()
+            batch, after = self._gather(letter, kind)
+            if kind is np.SessionHeartbeat:
+                self._session_heartbeats(batch)
+            else:
+                await self._signed_heartbeats(batch)
             if after is None:
                 return
             letter = after
@@ -158,6 +168,17 @@ class RegistryActor(Actor):
                 return batch, letter
             batch.append(letter)
         return batch, None
+
+    def _session_heartbeats(self, batch: list[Letter]) -> None:
+        for k, letter in enumerate(batch):
+            try:
+                letter.answer(self._lease_message(letter.msg))
+            except Refused as refusal:
+                letter.fail(refusal)
+            except BaseException as exc:
+                for queued in batch[k:]:  # answered ones ignore it
+                    queued.fail(RuntimeError(f"registry heartbeat failed: {exc}"))
+                raise
 
     async def _signed_heartbeats(self, batch: list[Letter]) -> None:
         """Signed heartbeats, as a batch: the Ed25519 checks (most of the
