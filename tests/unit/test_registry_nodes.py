@@ -649,6 +649,44 @@ async def test_a_batch_of_signed_heartbeats_fails_only_its_bad_ones(env, monkeyp
     assert threads and max(threads) > 1  # verified together, in a worker thread
 
 
+async def test_a_batch_of_session_heartbeats_fails_only_its_bad_ones(env, monkeypatch):
+    """Session heartbeats queued together are answered as one batch; a
+    forged, replayed or unknown one fails alone."""
+    nodes = [await env.registered(f"n{k}", k + 1) for k in range(6)]
+    beats = [await node.session(env) for node in nodes]
+    replayed = beats[1].next()
+    letters = {f"ok{k}": b.next() for k, b in enumerate(beats) if k != 1}
+    letters |= {
+        "replay1": replayed, "replay2": replayed,
+        "forged": SessionHeartbeat(beats[2].session, 99, bytes(16).hex()),
+        "unknown": SessionHeartbeat("f" * 24, 1, bytes(16).hex()),
+    }
+    seen: list[int] = []
+    real = env.actor._session_heartbeats
+
+    def watched(batch):
+        seen.append(len(batch))
+        real(batch)
+
+    monkeypatch.setattr(env.actor, "_session_heartbeats", watched)
+    results: dict[str, Any] = {}
+
+    async def ask(key: str, msg: Any) -> None:
+        try:
+            results[key] = (await env.ask(msg))["node_id"]
+        except Refused as exc:
+            results[key] = exc.code
+
+    async with trio.open_nursery() as nursery:  # queued together: one batch
+        for key, msg in letters.items():
+            nursery.start_soon(ask, key, msg)
+    assert {k: results[k] for k in letters if k.startswith("ok")} == {
+        f"ok{k}": f"n{k}" for k in (0, 2, 3, 4, 5)}
+    assert sorted([results["replay1"], results["replay2"]]) == ["bad_session", "n1"]
+    assert results["forged"] == "bad_session" and results["unknown"] == "no_session"
+    assert max(seen) == len(letters)
+
+
 async def test_link_reports_feed_the_peers_reputation(env):
     reporters = [await env.registered(f"r{i}", i + 10) for i in range(4)]
     await env.registered("good", 1)
