@@ -350,6 +350,33 @@ def test_replaying_an_applied_index_is_a_no_op(state):
     assert state.node_count() == 2 and state.applied_index == 2
 
 
+def test_apply_next_numbers_commands_under_the_lock(tmp_path):
+    """Two threads apply_next at once: every command gets its own index."""
+    import threading
+
+    state = RegistryState.open(str(tmp_path / "r.db"))
+    try:
+        errors: list[BaseException] = []
+
+        def writer(prefix: str, n: int) -> None:
+            try:
+                for i in range(n):
+                    [result] = state.apply_next([reg(f"{prefix}{i}", f"fd10:{prefix == 'b':x}::{i + 1:x}")])
+                    assert result is not AlreadyApplied and result["id"] == f"{prefix}{i}"
+            except BaseException as exc:  # noqa: BLE001 (reported below)
+                errors.append(exc)
+
+        threads = [threading.Thread(target=writer, args=(p, 60)) for p in ("a", "b")]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors
+        assert state.node_count() == 120 and state.applied_index == 120
+    finally:
+        state.close()
+
+
 def test_indices_must_increase(state):
     with pytest.raises(ValueError):
         state.apply_batch([(2, reg("a", "fd10::1")), (2, reg("b", "fd10::2"))])

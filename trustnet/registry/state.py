@@ -317,6 +317,13 @@ class RegistryState:
         self._applied = applied
         return results
 
+    @_serialized
+    def apply_next(self, commands: list[Any]) -> list[Any]:
+        """apply_batch of `commands` at the indices right after applied_index
+        (a lone registry numbers its own commands), chosen under the lock so
+        that two callers in different threads never take the same ones."""
+        return self.apply_batch(list(enumerate(commands, self._applied + 1)))
+
     @contextlib.contextmanager
     def _forget_touched_keys(self):
         """Drop the cached keys of the names a batch bound or released, once
