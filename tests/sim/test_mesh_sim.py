@@ -313,3 +313,30 @@ async def test_stolen_name_is_refused_and_exits_1(seeded, autojump_clock):
         assert cluster.exits["n01"] == 1
         assert cluster.contexts["n01"].fatal_reason and "name_taken" in cluster.contexts["n01"].fatal_reason
         nursery.cancel_scope.cancel()
+
+
+async def test_nodes_open_a_new_session_when_the_registry_forgets_or_refuses_theirs(
+        seeded, autojump_clock):
+    """A registry that restarted (or a new leader) knows no session: nodes are
+    told "no_session" and open a new one; a node whose heartbeats stop
+    verifying ("bad_session") does the same. Neither costs a missed beat
+    or a re-registration."""
+    cluster = Cluster(seed=5, n=3, max_connections=2)
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery)
+        await settle(cluster, cluster.names, limit=30)
+        await trio.sleep(6.0)  # every node's first beat (its phase is within an interval)
+        beats = {n: cluster.contexts[n].actors["heartbeat"] for n in cluster.names}
+        assert all(b.sessions_opened == 1 for b in beats.values())
+
+        cluster.registry.sessions.clear()  # as after a restart
+        await trio.sleep(12.0)  # more than two intervals
+        assert all(b.sessions_opened == 2 for b in beats.values())
+
+        beats["n01"].session.key = bytes(32)  # its MACs stop verifying
+        await trio.sleep(12.0)
+        assert beats["n01"].sessions_opened == 3
+        assert [b.sessions_opened for n, b in beats.items() if n != "n01"] == [2, 2]
+        assert all(b.misses == 0 and b.registered for b in beats.values())
+        assert all(code == 0 for code in cluster.exits.values()), cluster.exits
+        nursery.cancel_scope.cancel()
