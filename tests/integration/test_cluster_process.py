@@ -12,6 +12,7 @@ recorded as unknown outcomes.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import random
@@ -325,13 +326,13 @@ async def test_members_join_and_leave_and_answers_carry_raft_positions(tmp_path)
             nursery.cancel_scope.cancel()
 
 
+# ------------------------------------------------------------------ a node against the group
 
-async def test_a_node_heartbeats_through_a_follower_and_across_a_failover(tmp_path):
-    """A real node whose registry address is a follower: its heartbeat
-    session is opened on the leader (forwarded) and its MAC'd heartbeats
-    renew the lease there. The leader is killed: the new leader knows no
-    session and says "no_session", the node opens a new one through the
-    same follower, and its lease goes on being renewed on the new leader."""
+
+@contextlib.asynccontextmanager
+async def cluster_with_a_node(tmp_path, contacts):
+    """The 3 founders and a real node whose registry.ws lists the replicas
+    `contacts(leader)` picks (followers): (cluster, client, leader, node, node API)."""
     async with trio.open_nursery() as nursery:
         cluster = Cluster(tmp_path, nursery)
         node = None
@@ -339,56 +340,106 @@ async def test_a_node_heartbeats_through_a_follower_and_across_a_failover(tmp_pa
             await cluster.start_all()
             async with httpx.AsyncClient() as client:
                 leader = await cluster.leader(client, timeout=15)
-                follower = next(r for r in IDS if r != leader)
-                node = NodeProcess(tmp_path, "n1", "::1", registry_ws=cluster.address(follower),
-                                   registry_url=cluster.url(follower))
+                rids = contacts(leader)
+                node = NodeProcess(tmp_path, "n1", "::1",
+                                   registry_ws=",".join(cluster.address(r) for r in rids),
+                                   registry_url=cluster.url(rids[0]))
                 api = await node.start(nursery)
-
-                async def node_health() -> dict:
-                    try:
-                        return (await client.get(api + "/health", timeout=2.0)).json()
-                    except (httpx.HTTPError, ValueError):
-                        return {}
-
-                async def lease_on(rid: str) -> float | None:
-                    try:
-                        r = await client.get(cluster.url(rid) + "/nodes/n1", timeout=2.0)
-                    except httpx.HTTPError:
-                        return None
-                    return r.json().get("lease_deadline") if r.status_code == 200 else None
-
-                async def beating_in_one_session():
-                    h = await node_health()
-                    return h.get("heartbeat_session") and h.get("sessions_opened") == 1
-                await _until(beating_in_one_session, "the node heartbeating in a session")
-                before = await _until(lambda: lease_on(leader), "the node's lease on the leader")
-                await trio.sleep(1.5)  # three intervals: MAC'd beats renew it on the leader
-                assert (await lease_on(leader)) > before
-                assert (await node_health())["sessions_opened"] == 1
-
-                mark = len(node.lines)
-                cluster.procs[leader].process.kill()
-                await cluster.procs[leader].wait()
-                new_leader = await cluster.leader(client, timeout=15)
-                assert new_leader != leader
-                refused = await node.wait_for_log(
-                    lambda d: d.get("message") == "heartbeat session refused, opening a new one",
-                    start=mark, timeout=20)
-                assert refused["code"] == "no_session"
-
-                async def new_session_renewing():
-                    h = await node_health()
-                    return (h.get("sessions_opened") == 2 and h.get("heartbeat_misses") == 0
-                            and h.get("registered"))
-                await _until(new_session_renewing, "the node in a new session")
-                after = await _until(lambda: lease_on(new_leader), "the lease on the new leader")
-                await trio.sleep(1.5)
-                assert (await lease_on(new_leader)) > after
-                assert not node.logs("registry does not know this node (lease expired), "
-                                     "registering again")
+                yield cluster, client, leader, node, api
         finally:
             with trio.CancelScope(shield=True):
                 if node is not None:
                     await node.aclose()
                 await cluster.aclose()
             nursery.cancel_scope.cancel()
+
+
+async def _node_health(client: httpx.AsyncClient, api: str) -> dict:
+    try:
+        return (await client.get(api + "/health", timeout=2.0)).json()
+    except (httpx.HTTPError, ValueError):
+        return {}
+
+
+async def _lease_on(client: httpx.AsyncClient, cluster: Cluster, rid: str) -> float | None:
+    """n1's lease deadline as replica `rid` shows it (live on the leader)."""
+    try:
+        r = await client.get(cluster.url(rid) + "/nodes/n1", timeout=2.0)
+    except httpx.HTTPError:
+        return None
+    return r.json().get("lease_deadline") if r.status_code == 200 else None
+
+
+async def _lease_advances(client: httpx.AsyncClient, cluster: Cluster, rid: str) -> None:
+    """Three heartbeat intervals renew n1's lease on `rid` (the leader)."""
+    before = await _until(lambda: _lease_on(client, cluster, rid), f"n1's lease on {rid}")
+    await trio.sleep(1.5)
+    assert (await _lease_on(client, cluster, rid)) > before
+
+
+def _followers(leader: str) -> list[str]:
+    return [r for r in IDS if r != leader]
+
+
+async def test_a_node_heartbeats_through_a_follower_and_across_a_failover(tmp_path):
+    """A real node whose registry address is a follower: its heartbeat
+    session is opened on the leader (forwarded) and its MAC'd heartbeats
+    renew the lease there. The leader is killed: the new leader knows no
+    session and says "no_session", the node opens a new one through the
+    same follower, and its lease goes on being renewed on the new leader."""
+    async with cluster_with_a_node(tmp_path, lambda leader: _followers(leader)[:1]) as (
+            cluster, client, leader, node, api):
+        async def beating_in_one_session():
+            h = await _node_health(client, api)
+            return h.get("heartbeat_session") and h.get("sessions_opened") == 1
+        await _until(beating_in_one_session, "the node heartbeating in a session")
+        await _lease_advances(client, cluster, leader)
+        assert (await _node_health(client, api))["sessions_opened"] == 1
+
+        mark = len(node.lines)
+        cluster.procs[leader].process.kill()
+        await cluster.procs[leader].wait()
+        new_leader = await cluster.leader(client, timeout=15)
+        assert new_leader != leader
+        refused = await node.wait_for_log(
+            lambda d: d.get("message") == "heartbeat session refused, opening a new one",
+            start=mark, timeout=20)
+        assert refused["code"] == "no_session"
+
+        async def new_session_renewing():
+            h = await _node_health(client, api)
+            return (h.get("sessions_opened") == 2 and h.get("heartbeat_misses") == 0
+                    and h.get("registered"))
+        await _until(new_session_renewing, "the node in a new session")
+        await _lease_advances(client, cluster, new_leader)
+        assert not node.logs("registry does not know this node (lease expired), "
+                             "registering again")
+
+
+async def test_a_node_moves_to_the_next_replica_when_its_replica_dies(tmp_path):
+    """registry.ws lists two followers. The first is killed: the node's asks
+    fail, it moves to the second and goes on heartbeating in the same session
+    (sessions live on the leader, not on the replica a node talks to)."""
+    async with cluster_with_a_node(tmp_path, _followers) as (cluster, client, leader, node, api):
+        first, second = _followers(leader)
+
+        async def beating() -> bool:
+            h = await _node_health(client, api)
+            return bool(h.get("heartbeat_session")) and h.get("heartbeat_misses") == 0
+        await _until(beating, "the node heartbeating through its first replica")
+        mark = len(node.lines)
+        cluster.procs[first].process.kill()
+        await cluster.procs[first].wait()
+        moved = await node.wait_for_log(
+            lambda d: d.get("message") == "registry replica not answering, trying the next",
+            start=mark, timeout=20)
+        assert moved["registry"] == cluster.address(first)
+        assert moved["next"] == cluster.address(second)
+
+        async def recovered() -> bool:
+            return await beating() and len(node.logs("heartbeat recovered", start=mark)) > 0
+        await _until(recovered, "heartbeats through the second replica")
+        await _lease_advances(client, cluster, leader)
+        h = await _node_health(client, api)
+        assert h["sessions_opened"] == 1 and h["registered"], h
+        assert not node.logs("heartbeat session refused, opening a new one")

@@ -25,11 +25,28 @@ def test_env_overrides_and_ula(tmp_path):
     assert c.advertise_ipv6 == str(ula_for("b"))
 
 
+def test_registry_ws_lists_the_replicas_in_order(tmp_path):
+    from trustnet.node.context import NodeParams
+
+    c = load_node_config(write(tmp_path, "node:\n  id: a\n"),
+                         {"REGISTRY_WS": "ws://[fd10::1]:8001, ws://[FD10::2]:8001,ws://[fd10::3]:8001"})
+    assert c.registry_addresses == ("ws://[fd10::1]:8001", "ws://[fd10::2]:8001",
+                                    "ws://[fd10::3]:8001")
+    params = NodeParams.from_config(c, port=9000)
+    assert params.registry_address == "ws://[fd10::1]:8001"
+    assert params.registry_fallbacks == ("ws://[fd10::2]:8001", "ws://[fd10::3]:8001")
+    assert load_node_config(write(tmp_path, "node:\n  id: a\n"), {}).registry_addresses == (
+        "ws://[::1]:8001",)
+
+
 @pytest.mark.parametrize("text, env, expect", [
     ("node:\n  id: a\n  listen_port: abc\n", {}, "node.yaml: node.listen_port: must be an integer"),
     ("node:\n  listen_port: 9000\n", {}, "node.id: required"),
     ("node:\n  id: a\n  advertise: 10.0.0.1\n", {}, "node.advertise:"),
     ("node:\n  id: a\nregistry:\n  ws: http://x\n", {}, "registry.ws:"),
+    ("node:\n  id: a\n", {"REGISTRY_WS": "ws://[::1]:8001,nope"},
+     "environment variable REGISTRY_WS: registry.ws:"),
+    ("node:\n  id: a\n", {"REGISTRY_WS": "ws://[::1]:8001,"}, "registry.ws:"),
     ("node:\n  id: a\n  colour: red\n", {}, "node.colour: unknown key"),
     ("node:\n  id: a\n", {"NODE_NAME": "bad name"}, "environment variable NODE_NAME: node.id:"),
     ("node:\n  id: a\n", {"NODE_HTTP_PORT": "x"}, "environment variable NODE_HTTP_PORT: http.port:"),

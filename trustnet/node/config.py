@@ -1,7 +1,8 @@
 """Node configuration: ``node.yaml`` plus environment overrides (record, section 8).
 
     node:     id, listen_host, listen_port, advertise, data_dir, domain
-    registry: url, ws, heartbeat_interval, startup_timeout, unreachable_timeout
+    registry: url, ws (one address, or the replicas' separated by commas),
+              heartbeat_interval, startup_timeout, unreachable_timeout
     peers:    max_connections, peer_timeout, rotate_interval
     http:     host, port (the local API)
     logging:  level, format
@@ -98,6 +99,14 @@ class NodeConfig:
     def ping_interval(self) -> float:
         return self.peers.peer_timeout / 3
 
+    @property
+    def registry_addresses(self) -> tuple[str, ...]:
+        """registry.ws: one websocket address, or a replicated registry's
+        replicas separated by commas (tried in turn), normalized.
+        ValueError if one is not a ws:// address."""
+        from actors.ws import normalize_address
+        return tuple(normalize_address(part.strip()) for part in self.registry.ws.split(","))
+
 
 NODE_ENV_VARS: Mapping[str, str] = types.MappingProxyType({
     "NODE_NAME": "node.id",
@@ -137,11 +146,11 @@ def load_node_config(path: str | os.PathLike[str] | None, env: Mapping[str, str]
         config.advertise_ipv6
     except ValueError as exc:
         raise fail("node.advertise", f"must be an IPv6 address or 'ula': {exc}") from None
-    from actors.ws import normalize_address
     try:
-        normalize_address(config.registry.ws)
+        config.registry_addresses
     except ValueError:
-        raise fail("registry.ws", f"must be a ws://[addr]:port address, got {config.registry.ws!r}") from None
+        raise fail("registry.ws", "must be a ws://[addr]:port address, or several separated "
+                                  f"by commas, got {config.registry.ws!r}") from None
     if not re.match(r"^https?://", config.registry.url):
         raise fail("registry.url", f"must be an http:// or https:// URL, got {config.registry.url!r}")
     if config.registry.unreachable_timeout < config.registry.heartbeat_interval:

@@ -47,6 +47,9 @@ class NodeParams:
     backoff_initial: float = 1.0
     backoff_max: float = 60.0
     seed: int | None = None              # set in simulations: every choice replays
+    # More replicas of a replicated registry, tried in turn when the current
+    # one stops answering (registry.ws lists them, comma-separated).
+    registry_fallbacks: tuple[str, ...] = ()
 
     @property
     def ping_interval(self) -> float:
@@ -60,7 +63,8 @@ class NodeParams:
     def from_config(cls, config: Any, port: int | None = None) -> "NodeParams":
         return cls(node_id=config.node_id, ipv6=config.advertise_ipv6,
                    port=config.node.listen_port if port is None else port,
-                   registry_address=normalize_address(config.registry.ws),
+                   registry_address=config.registry_addresses[0],
+                   registry_fallbacks=config.registry_addresses[1:],
                    domain=config.node.domain,
                    heartbeat_interval=config.registry.heartbeat_interval,
                    startup_timeout=config.registry.startup_timeout,
@@ -85,14 +89,34 @@ class NodeContext:
     fatal_reason: str | None = None
     # The current instance of each named actor (set in on_start): introspection, tests.
     actors: dict[str, Any] = attrs.field(factory=dict)
+    registry_index: int = 0  # which of the registry's addresses is in use
 
     @property
     def node_id(self) -> str:
         return self.params.node_id
 
     @property
+    def registry_addresses(self) -> tuple[str, ...]:
+        return (self.params.registry_address, *self.params.registry_fallbacks)
+
+    @property
+    def registry_address(self) -> str:
+        return self.registry_addresses[self.registry_index]
+
+    @property
     def registry(self) -> Ref:
-        return self.system.ref(REGISTRY_ACTOR, self.params.registry_address)
+        return self.system.ref(REGISTRY_ACTOR, self.registry_address)
+
+    def next_registry(self, error: str) -> None:
+        """The current registry replica did not answer: use the next one
+        (any replica serves a node: it forwards to the leader)."""
+        addresses = self.registry_addresses
+        if len(addresses) < 2:
+            return
+        before = self.registry_address
+        self.registry_index = (self.registry_index + 1) % len(addresses)
+        log.warning("registry replica not answering, trying the next",
+                    extra={"registry": before, "next": self.registry_address, "error": error})
 
     def rng(self, purpose: str) -> random.Random:
         """Seeded in simulations; the OS's randomness in a real node."""

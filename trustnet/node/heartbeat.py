@@ -12,6 +12,8 @@
   interval; the third miss in a row and every one after it at error.
 - "not_found" (the lease expired) -> register again, then have the mesh
   report its open links again (the registry dropped them with the lease).
+- No answer -> the next registry replica, if registry.ws lists several (any
+  replica forwards to the leader, where leases and sessions live).
 - No answer for `unreachable_timeout` -> fatal: the node exits 1.
 - "name_taken" / "bad_statement" at registration -> fatal (another key holds
   the name; an administrator must release it).
@@ -156,9 +158,10 @@ class HeartbeatActor(Actor):
                 error = f"{exc.code}: {exc.message}"
             except ActorError as exc:
                 error = f"{type(exc).__name__}: {exc}"
+                self.node.next_registry(error)
             waited = trio.current_time() - start
             if waited >= self.p.startup_timeout:
-                reason = (f"registry at {self.p.registry_address} unreachable for "
+                reason = (f"registry at {self.node.registry_address} unreachable for "
                           f"{waited:.0f}s at start-up (startup_timeout "
                           f"{self.p.startup_timeout:g}s); exiting")
                 self.node.fatal(reason, error=error, attempts=attempt)
@@ -166,7 +169,7 @@ class HeartbeatActor(Actor):
             delay = min(self.rng.uniform(0.5, 1.0) * 2 ** min(attempt - 1, 5),
                         self.p.startup_timeout - waited)
             log.warning("registry not reachable yet, retrying",
-                        extra={"registry": self.p.registry_address, "error": error,
+                        extra={"registry": self.node.registry_address, "error": error,
                                "attempt": attempt, "retry_after_seconds": round(delay, 3)})
             await trio.sleep(max(delay, 0.0))
 
@@ -197,6 +200,7 @@ class HeartbeatActor(Actor):
                     delay = self._missed(f"{exc.code}: {exc.message}")
             except ActorError as exc:
                 delay = self._missed(f"{type(exc).__name__}: {exc}")
+                self.node.next_registry(f"{type(exc).__name__}: {exc}")
             if self.node.fatal_reason is not None:
                 await trio.sleep_forever()  # the service is shutting the node down
             await trio.sleep(delay)
@@ -214,10 +218,10 @@ class HeartbeatActor(Actor):
         now = trio.current_time()
         silent = now - (self.last_ok if self.last_ok is not None else now)
         retry = max(self.interval / 3, 0.1)
-        extra = {"registry": self.p.registry_address, "error": error, "misses": self.misses,
+        extra = {"registry": self.node.registry_address, "error": error, "misses": self.misses,
                  "retry_after_seconds": round(retry, 3)}
         if silent >= self.p.unreachable_timeout:
-            self.node.fatal(f"registry at {self.p.registry_address} unreachable for "
+            self.node.fatal(f"registry at {self.node.registry_address} unreachable for "
                             f"{silent:.0f}s (unreachable_timeout "
                             f"{self.p.unreachable_timeout:g}s); exiting", **extra)
             return 0.0

@@ -57,7 +57,7 @@ async def serve(config: NodeConfig) -> int:
     node = NodeContext(NodeParams.from_config(config, port=transport.port), identity, system)
     log.info("node starting", extra={"node_id": node.node_id, "address": system.address,
                                      "public_key": identity.public_key,
-                                     "registry": node.params.registry_address})
+                                     "registry": node.registry_address})
     code = EXIT_OK
     shutdown = trio.Event()
     http_started, http_done, tree_done = False, trio.Event(), trio.Event()
