@@ -235,3 +235,23 @@ def test_sweep_and_drop_in_rounds_like_the_actor():
     assert sorted(seen) == sorted(f"n{i:04d}" for i in range(1000))
     assert len(seen) == len(set(seen))
     assert table.expired(now + 1000) == []
+
+
+def test_the_renewal_stamp_is_formatted_once_per_renewal():
+    calls: list[float] = []
+
+    def fmt(t: float) -> str:
+        calls.append(t)
+        return f"t={t}"
+
+    table = LeaseTable(ttl=30.0)
+    assert table.last_renewal_stamp("a", fmt) is None
+    table.grant("a", 100.0)
+    assert table.last_renewal_stamp("a", fmt) == "t=100.0"
+    assert table.last_renewal_stamp("a", fmt) == "t=100.0"
+    assert calls == [100.0]
+    table.renew("a", 110.0)
+    assert table.last_renewal_stamp("a", fmt) == "t=110.0"
+    assert calls == [100.0, 110.0]
+    table.drop("a")
+    assert table.last_renewal_stamp("a", fmt) is None

@@ -377,7 +377,7 @@ class RegistryActor(Actor):
         deadline = self.leases.deadline(node["id"])
         if deadline is not None:
             node["lease_deadline"] = deadline
-            node["last_heartbeat"] = iso_utc(self.leases.last_renewal(node["id"]))
+            node["last_heartbeat"] = self.leases.last_renewal_stamp(node["id"], iso_utc)
         return node
 
     async def _sweep_loop(self) -> None:

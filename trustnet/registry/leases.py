@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from typing import Callable
 
 
 class LeaseTable:
@@ -18,6 +19,7 @@ class LeaseTable:
         self.ttl = ttl
         self._deadline: dict[str, float] = {}
         self._last_renewal: dict[str, float] = {}
+        self._stamps: dict[str, str] = {}  # last_renewal_stamp's, until the next renewal
         self._buckets: defaultdict[int, set[str]] = defaultdict(set)
         self._dirty: set[str] = set()
 
@@ -33,6 +35,17 @@ class LeaseTable:
     def last_renewal(self, node_id: str) -> float | None:
         return self._last_renewal.get(node_id)
 
+    def last_renewal_stamp(self, node_id: str, fmt: Callable[[float], str]) -> str | None:
+        """fmt(last renewal), formatted once per renewal rather than on every
+        read: a page of 100 nodes would otherwise format 100 timestamps."""
+        stamp = self._stamps.get(node_id)
+        if stamp is None:
+            renewed = self._last_renewal.get(node_id)
+            if renewed is None:
+                return None
+            stamp = self._stamps[node_id] = fmt(renewed)
+        return stamp
+
     def grant(self, node_id: str, now: float, deadline: float | None = None) -> float:
         """Start or renew a lease; returns its deadline (now + ttl by default)."""
         if deadline is None:
@@ -42,6 +55,7 @@ class LeaseTable:
             self._bucket_of(old).discard(node_id)
         self._deadline[node_id] = deadline
         self._last_renewal[node_id] = now
+        self._stamps.pop(node_id, None)
         self._buckets[_slot(deadline)].add(node_id)
         self._dirty.add(node_id)
         return deadline
@@ -57,6 +71,7 @@ class LeaseTable:
         if old is not None:
             self._bucket_of(old).discard(node_id)
         self._last_renewal.pop(node_id, None)
+        self._stamps.pop(node_id, None)
         self._dirty.discard(node_id)
 
     def expired(self, now: float) -> list[str]:
