@@ -732,7 +732,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sim-broadcasts", type=int, help="broadcasts per size (default 20; 5 quick)")
     p.add_argument("--sim-delay", default="0.0005,0.005",
                    help="per-frame link delay range in seconds (default 0.0005,0.005)")
-    p.add_argument("--sim-budget", type=float, default=480.0,
+    p.add_argument("--sim-budget", type=float, default=900.0,
                    help="skip a size predicted to take longer than this (wall seconds)")
     p.add_argument("--max-connections", type=int, default=6,
                    help="peers.max_connections in the simulation (as the mesh tests)")
