@@ -130,6 +130,8 @@ class RegistryActor(Actor):
                 # Let the links read what has arrived first: a bigger batch
                 # (what the worker thread does for signed ones, for free).
                 await trio.lowlevel.checkpoint()
+                if self.consensus is not None and not self.leader_term:
+                    continue  # leadership went meanwhile: forwarded below
             batch, after = self._gather(letter, kind)
             if kind is np.SessionHeartbeat:
                 self._session_heartbeats(batch)
