@@ -145,6 +145,10 @@ class RegistryActor(Actor):
         if not isinstance(letter.msg, WRITES):
             await super().handle(letter)
             return
+        # Let the request handlers that are ready to run queue their writes
+        # first: they join this batch and its one fsync. Measured with 8
+        # connections registering: 866 -> 1,060/s (medians of 6 alternated runs).
+        await trio.lowlevel.checkpoint()
         batch, after = self._gather(letter, WRITES)
         try:
             self._commit(batch)
