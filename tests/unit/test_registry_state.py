@@ -107,6 +107,18 @@ def test_register_again_updates_but_keeps_registration_time_and_key(state, log):
     assert log.apply(reg("n2", "fd10::1"))["ipv6"] == "fd10::1"
 
 
+def test_a_registration_answers_exactly_the_stored_row(state, log):
+    """The upsert's RETURNING row is what a read gives, on create and on update."""
+    created = log.apply(reg("a", "fd10::1", domain="alpha", public_key="k" * 43))
+    assert created == state.get_node("a")
+    log.apply(SetReputation(entries=(ReputationEntry(node_id="a", reputation=0.9),)))
+    updated = log.apply(reg("a", "fd10::2", domain="beta", at=T0 + 5, public_key="k" * 43))
+    assert updated == state.get_node("a")
+    assert list(updated) == list(state.get_node("a"))  # same fields, same order
+    assert updated["registered_at"] == created["registered_at"] and updated["reputation"] == 0.9
+    assert updated["domain"] == "beta" and updated["ipv6"] == "fd10::2"
+
+
 def test_ipv6_taken_by_another_node_is_a_conflict(state, log):
     log.apply(reg("n1", "fd10:1234::1"))
     before = state.state_hash()

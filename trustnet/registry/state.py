@@ -390,7 +390,9 @@ class RegistryState:
                            {"ipv6": ipv6, "node_id": holder})
         key = self._bind_identity(node_id, key, at)
         domain_id = self._ensure_domain(domain, at)
-        self._db.execute(
+        # RETURNING: the stored row in the same statement, not a second SELECT.
+        # fetchall(): the statement is finished before the batch commits.
+        [row] = self._conn.execute(
             """INSERT INTO nodes (id, domain_id, ipv6_addr, port, last_heartbeat,
                                   registered_at, lease_deadline, public_key)
                VALUES (?, ?, ?, ?, ?, ?, ?, ?)
@@ -398,9 +400,14 @@ class RegistryState:
                  domain_id = excluded.domain_id, ipv6_addr = excluded.ipv6_addr,
                  port = excluded.port, last_heartbeat = excluded.last_heartbeat,
                  lease_deadline = excluded.lease_deadline,
-                 public_key = coalesce(excluded.public_key, nodes.public_key)""",
-            [node_id, domain_id, ipv6, port, at, at, deadline, key])
-        return self._node_or_none(node_id)
+                 public_key = coalesce(excluded.public_key, nodes.public_key)
+               RETURNING id, ipv6_addr, port, reputation, last_heartbeat, registered_at,
+                         lease_deadline, public_key""",
+            [node_id, domain_id, ipv6, port, at, at, deadline, key]).fetchall()
+        # the columns and order of _NODE_SELECT; the domain is the one just ensured
+        return {"id": row[0], "domain": domain, "ipv6": row[1], "port": row[2],
+                "reputation": row[3], "last_heartbeat": row[4], "registered_at": row[5],
+                "lease_deadline": row[6], "public_key": row[7]}
 
     def _bind_identity(self, node_id: str, key: str | None, at: str) -> str | None:
         """The key the name is bound to after this registration (binding it on
