@@ -17,7 +17,7 @@ import subprocess
 import sys
 import random
 import time
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import orjson
 import pytest
@@ -25,6 +25,7 @@ import trio
 
 from actors import ActorSystem, Refused
 from trustnet.identity import NodeIdentity, b64, session_key, session_mac, session_share
+from trustnet.node.heartbeat import HeartbeatSession
 from trustnet.registry import messages as m
 from trustnet.registry.actor import RegistryActor
 from trustnet.registry.commands import Invalid
@@ -95,27 +96,39 @@ class Node:
         share = mine if share is None else share
         return OpenSession(self.statement("session", {"share": share}, **kw)), private, share
 
-    async def session(self, env: "Env") -> "Beats":
+    async def session(self, env: "Env") -> HeartbeatSession:
         msg, private, share = self.open_session()
         answer = await env.ask(msg)
         key = session_key(private, answer["share"], self.id, share, answer["share"])
-        return Beats(answer["session"], key)
+        return HeartbeatSession(answer["session"], key)
 
     def link(self, peer: str, state: str, rtt_ms: float | None = None, **kw: Any) -> LinkReport:
         return LinkReport(self.statement("link", {"peer": peer, "state": state,
                                                   "rtt_ms": rtt_ms}, **kw))
 
 
-class Beats:
-    """A node's end of a heartbeat session."""
+def beat_at(session: HeartbeatSession, counter: int) -> SessionHeartbeat:
+    """The session's heartbeat with this counter (it goes on from there)."""
+    session.counter = counter - 1
+    return session.next()
 
-    def __init__(self, session: str, key: bytes):
-        self.session, self.key, self.counter = session, key, 0
 
-    def next(self, counter: int | None = None) -> SessionHeartbeat:
-        self.counter = self.counter + 1 if counter is None else counter
-        return SessionHeartbeat(self.session, self.counter,
-                                session_mac(self.key, self.session, self.counter))
+async def ask_together(env: "Env", letters: dict[str, Any],
+                       pick: Callable[[Any], Any] = lambda answer: answer) -> dict[str, Any]:
+    """Ask all at once, so they queue together (one batch): pick(answer) or
+    the refusal's code, by key."""
+    results: dict[str, Any] = {}
+
+    async def ask(key: str, msg: Any) -> None:
+        try:
+            results[key] = pick(await env.ask(msg))
+        except Refused as exc:
+            results[key] = exc.code
+
+    async with trio.open_nursery() as nursery:
+        for key, msg in letters.items():
+            nursery.start_soon(ask, key, msg)
+    return results
 
 
 class Env:
@@ -345,8 +358,8 @@ async def test_a_session_opens_with_a_signed_statement_and_renews_by_mac(env):
     answer = await env.ask(msg)
     assert set(answer) == {"node_id", "lease_deadline", "ttl", "session", "share"}
     assert answer["lease_deadline"] > first  # the opening renews like a signed heartbeat
-    beats = Beats(answer["session"], session_key(private, answer["share"], "n1", share,
-                                                 answer["share"]))
+    beats = HeartbeatSession(answer["session"], session_key(private, answer["share"], "n1",
+                                                            share, answer["share"]))
     for _ in range(3):
         env.clock.jump(5)
         renewed = await env.ask(beats.next())
@@ -365,17 +378,17 @@ async def test_a_forged_or_replayed_session_heartbeat_is_bad_session(env):
     good = beats.next()
     await env.ask(good)
     assert (await env.refusal(good)).code == "bad_session"  # the same again: a replay
-    assert (await env.refusal(beats.next(counter=1))).code == "bad_session"  # an old counter
-    forged = SessionHeartbeat(beats.session, 7, bytes(16).hex())
+    assert (await env.refusal(beat_at(beats, 1))).code == "bad_session"  # an old counter
+    forged = SessionHeartbeat(beats.id, 7, bytes(16).hex())
     refusal = await env.refusal(forged)
     assert refusal.code == "bad_session" and "does not verify" in refusal.message
-    wrong_key = Beats(beats.session, bytes(32)).next(counter=8)
+    wrong_key = beat_at(HeartbeatSession(beats.id, bytes(32)), 8)
     assert (await env.refusal(wrong_key)).code == "bad_session"
     for counter in (0, -1):
-        msg = SessionHeartbeat(beats.session, counter, session_mac(beats.key, beats.session, counter))
+        msg = SessionHeartbeat(beats.id, counter, session_mac(beats.key, beats.id, counter))
         assert (await env.refusal(msg)).code == "bad_session"
     # A forged high counter did not move the session on: the owner goes on.
-    await env.ask(beats.next(counter=2))
+    await env.ask(beat_at(beats, 2))
     await env.ask(beats.next())
 
 
@@ -592,17 +605,9 @@ async def test_a_node_cannot_report_a_link_to_itself(env):
 async def test_a_bad_report_in_a_batch_fails_only_itself(env):
     a = await env.registered("a", 1)
     await env.registered("b", 2)
-    results: dict[str, Any] = {}
-
-    async def ask(key: str, msg: Any) -> None:
-        try:
-            results[key] = await env.ask(msg)
-        except Refused as exc:
-            results[key] = exc.code
-
-    async with trio.open_nursery() as nursery:  # queued together: one batch
-        nursery.start_soon(ask, "bad", a.link("b", "open", signer=NodeIdentity.generate()))
-        nursery.start_soon(ask, "good", a.link("b", "open"))
+    results = await ask_together(env, {
+        "bad": a.link("b", "open", signer=NodeIdentity.generate()),
+        "good": a.link("b", "open")})
     assert results == {"bad": "bad_statement", "good": {"ok": True, "recorded": True}}
 
 
@@ -629,17 +634,7 @@ async def test_a_batch_of_signed_heartbeats_fails_only_its_bad_ones(env, monkeyp
         "unbound": env.node("ghost", 99).heartbeat(),
         "garbage": SignedHeartbeat("{not json"),
     }
-    results: dict[str, Any] = {}
-
-    async def ask(key: str, msg: Any) -> None:
-        try:
-            results[key] = (await env.ask(msg))["node_id"]
-        except Refused as exc:
-            results[key] = exc.code
-
-    async with trio.open_nursery() as nursery:  # queued together: one batch
-        for key, msg in letters.items():
-            nursery.start_soon(ask, key, msg)
+    results = await ask_together(env, letters, lambda answer: answer["node_id"])
     assert {k: results[k] for k in letters if k.startswith("ok")} == {
         f"ok{k}": f"n{k}" for k in range(8)}
     assert sorted([results["replay1"], results["replay2"]]) == ["bad_statement", "n1"]
@@ -658,7 +653,7 @@ async def test_a_batch_of_session_heartbeats_fails_only_its_bad_ones(env, monkey
     letters = {f"ok{k}": b.next() for k, b in enumerate(beats) if k != 1}
     letters |= {
         "replay1": replayed, "replay2": replayed,
-        "forged": SessionHeartbeat(beats[2].session, 99, bytes(16).hex()),
+        "forged": SessionHeartbeat(beats[2].id, 99, bytes(16).hex()),
         "unknown": SessionHeartbeat("f" * 24, 1, bytes(16).hex()),
     }
     seen: list[int] = []
@@ -669,17 +664,7 @@ async def test_a_batch_of_session_heartbeats_fails_only_its_bad_ones(env, monkey
         real(batch)
 
     monkeypatch.setattr(env.actor, "_session_heartbeats", watched)
-    results: dict[str, Any] = {}
-
-    async def ask(key: str, msg: Any) -> None:
-        try:
-            results[key] = (await env.ask(msg))["node_id"]
-        except Refused as exc:
-            results[key] = exc.code
-
-    async with trio.open_nursery() as nursery:  # queued together: one batch
-        for key, msg in letters.items():
-            nursery.start_soon(ask, key, msg)
+    results = await ask_together(env, letters, lambda answer: answer["node_id"])
     assert {k: results[k] for k in letters if k.startswith("ok")} == {
         f"ok{k}": f"n{k}" for k in (0, 2, 3, 4, 5)}
     assert sorted([results["replay1"], results["replay2"]]) == ["bad_session", "n1"]

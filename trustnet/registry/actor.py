@@ -312,14 +312,8 @@ class RegistryActor(Actor):
 
     async def receive(self, msg: Any) -> Any:
         match msg:
-            case np.SessionHeartbeat() | np.OpenSession():
+            case np.SessionHeartbeat() | np.OpenSession() | m.Heartbeat():
                 return self._lease_message(msg)
-            case m.Heartbeat(node_id):
-                if self.state.public_key_of(node_id) is not None:
-                    raise Refused("signature_required",
-                                  f"node {node_id!r} is bound to a key: its heartbeats must be "
-                                  "signed statements", {"node_id": node_id})
-                return self._heartbeat(node_id)
             case np.Candidates(node_id, limit):
                 return {"peers": self._candidates(node_id, limit)}
             case m.ReputationOf(node_id):
