@@ -855,8 +855,9 @@ def _iso(value: Any, field: str) -> str:
 def iso_utc(t: float | None) -> str | None:
     """Unix seconds as "2026-01-30T12:00:00.123456Z", exactly as
     datetime.fromtimestamp(t, UTC).isoformat() would put it. It runs for every
-    node of a GET /nodes page, so the date and time part is formatted once per
-    second (cached) and only the microseconds here, rounded as datetime does."""
+    command's timestamp and every lease renewal shown, so the date and time
+    part is formatted once per second (cached) and only the microseconds here,
+    rounded as datetime does."""
     if t is None:
         return None
     frac, whole = math.modf(t)
