@@ -2,7 +2,7 @@
 a typed wire codec, and transports (websocket, simulated). It knows nothing
 of TrustNet."""
 
-from .actor import Actor, ActorSystem, Letter, Mailbox, Ref, Reply
+from .actor import Actor, ActorSystem, Letter, Mailbox, Ref, Reply, UseMailbox
 from .codec import Envelope, message, refusal
 from .errors import (
     ActorCrashed,
@@ -20,7 +20,7 @@ from .errors import (
 from .supervisor import ChildSpec, Restart, Strategy, Supervisor, run_root
 
 __all__ = [
-    "Actor", "ActorSystem", "Letter", "Mailbox", "Ref", "Reply",
+    "Actor", "ActorSystem", "Letter", "Mailbox", "Ref", "Reply", "UseMailbox",
     "Envelope", "message", "refusal",
     "ActorCrashed", "ActorError", "ActorNotFound", "ActorStopped", "AskTimeout",
     "MailboxFull", "ProtocolError", "Refused", "RemoteError", "SupervisorGaveUp",

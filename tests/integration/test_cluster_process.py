@@ -273,6 +273,16 @@ async def test_members_join_and_leave_and_answers_carry_raft_positions(tmp_path)
                 r = await client.get(cluster.url(follower) + "/nodes/a",
                                      params={"consistency": "stale"}, timeout=5.0)
                 assert r.status_code in (200, 404) and "X-Raft-Index" in r.headers
+                # An HTTP heartbeat renews the lease on the leader, also when
+                # sent to a follower (which forwards it instead of answering).
+                deadlines = []
+                for rid in (follower, leader, follower):
+                    r = await client.post(cluster.url(rid) + "/nodes/a/heartbeat", timeout=5.0)
+                    assert r.status_code == 200, r.text
+                    deadlines.append(r.json()["lease_deadline"])
+                    r = await client.get(cluster.url(leader) + "/nodes/a", timeout=5.0)
+                    assert r.json()["lease_deadline"] == deadlines[-1]
+                assert deadlines == sorted(deadlines) and deadlines[0] < deadlines[-1]
 
                 # r4 starts as a joiner: no leader, no members of its own...
                 await cluster.start("r4", join=True)

@@ -25,6 +25,7 @@ from actors import (
     Refused,
     Restart,
     Supervisor,
+    UseMailbox,
 )
 
 # A test must never hang: every scenario runs under this (mock-time) bound.
@@ -539,3 +540,133 @@ async def test_blocked_tell_learns_its_letter_was_dropped_by_a_crash(autojump_cl
         assert len(outcome) == 1 and isinstance(outcome[0], ActorCrashed), outcome
         assert await ref.ask("count") == 0  # the restarted instance got neither "inc"
         assert await ref.ask("ping") == ("pong", 2)
+
+
+# ------------------------------------------------ answers in the caller's task
+
+class Probe:
+    """A message the Quick actor may answer inline."""
+
+    def __init__(self, op: str):
+        self.op = op
+
+
+class Quick(Worker):
+    inline = (Probe,)
+
+    def answer_now(self, msg: Probe) -> Any:
+        self.events.append(("inline", msg.op, trio.lowlevel.current_task().name))
+        return self._probe(msg)
+
+    async def receive(self, msg: Any) -> Any:
+        if isinstance(msg, Probe):
+            self.events.append(("mailbox", msg.op))
+            return "via mailbox" if msg.op == "decline" else self._probe(msg)
+        return await super().receive(msg)
+
+    def _probe(self, msg: Probe) -> Any:
+        match msg.op:
+            case "count":
+                return self.count
+            case "refuse":
+                raise Refused("nope", "refused inline")
+            case "crash":
+                raise RuntimeError("crashed inline")
+            case "decline":
+                raise UseMailbox()
+
+
+def quick(name: str, events: list, **kw) -> ChildSpec:
+    return ChildSpec(name, factory(name, events, Quick), Restart.PERMANENT, **kw)
+
+
+def routes(events: list) -> list[str]:
+    return [e[0] for e in events if e[0] in ("inline", "mailbox")]
+
+
+async def test_an_idle_actor_answers_an_inline_ask_in_the_asking_task(autojump_clock):
+    system, events = ActorSystem(), []
+    async with supervised(system, quick("q", events)):
+        await trio.testing.wait_all_tasks_blocked()
+        assert await system.ref("q").ask(Probe("count")) == 0
+        [(route, _, task)] = [e for e in events if e[0] in ("inline", "mailbox")]
+        assert route == "inline" and task == trio.lowlevel.current_task().name
+
+
+async def test_an_inline_ask_never_overtakes_a_letter_on_its_way(autojump_clock):
+    system, events = ActorSystem(), []
+    async with supervised(system, quick("q", events)):
+        ref = system.ref("q")
+        await trio.testing.wait_all_tasks_blocked()  # idle, waiting in get()
+        # Handed straight to the waiting actor: in no buffer, not yet handled.
+        ref.tell_nowait("inc")
+        assert await ref.ask(Probe("count")) == 1
+        for _ in range(3):
+            ref.tell_nowait("inc")  # queued
+        assert await ref.ask(Probe("count")) == 4
+        assert routes(events) == ["mailbox", "mailbox"]
+        await trio.testing.wait_all_tasks_blocked()
+        assert await ref.ask(Probe("count")) == 4
+        assert routes(events)[-1] == "inline"
+
+
+async def test_a_busy_actor_takes_the_inline_ask_through_its_mailbox(autojump_clock):
+    system, events = ActorSystem(), []
+    gate = trio.Event()
+    answers: list = []
+    async with supervised(system, quick("q", events)):
+        ref = system.ref("q")
+        await ref.tell(("wait", gate))
+        await trio.testing.wait_all_tasks_blocked()  # it waits inside a letter
+        async with trio.open_nursery() as nursery:
+            async def ask() -> None:
+                answers.append(await ref.ask(Probe("count")))
+            nursery.start_soon(ask)
+            await trio.testing.wait_all_tasks_blocked()
+            assert answers == []  # not answered while the letter is in hand
+            await ref.tell("inc")  # queued behind the ask: answered after it
+            gate.set()
+        assert answers == [0] and routes(events) == ["mailbox"]
+
+
+async def test_answer_now_may_send_a_message_through_the_mailbox(autojump_clock):
+    system, events = ActorSystem(), []
+    async with supervised(system, quick("q", events)):
+        await trio.testing.wait_all_tasks_blocked()
+        assert await system.ref("q").ask(Probe("decline")) == "via mailbox"
+        assert routes(events) == ["inline", "mailbox"]
+
+
+async def test_a_refusal_inline_answers_the_ask_and_the_actor_lives_on(autojump_clock):
+    system, events = ActorSystem(), []
+    async with supervised(system, quick("q", events)):
+        ref = system.ref("q")
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(Refused) as info:
+            await ref.ask(Probe("refuse"))
+        assert info.value.code == "nope"
+        assert await ref.ask("ping") == ("pong", 1)
+
+
+async def test_a_crash_inline_crashes_the_actor_and_its_supervisor_restarts_it(autojump_clock):
+    system, events = ActorSystem(), []
+    async with supervised(system, quick("q", events)):
+        ref = system.ref("q")
+        await ref.tell("inc")
+        await trio.testing.wait_all_tasks_blocked()
+        with pytest.raises(ActorCrashed) as info:
+            await ref.ask(Probe("crash"))
+        assert "'q'" in str(info.value) and "RuntimeError" in str(info.value)
+        assert await ref.ask("ping") == ("pong", 2)  # a new instance...
+        assert await ref.ask("count") == 0  # ...with fresh state
+        assert ("stop", "q", 1) not in events  # a crash, not an orderly stop
+
+
+async def test_a_cancelled_inline_ask_is_not_answered(autojump_clock):
+    system, events = ActorSystem(), []
+    async with supervised(system, quick("q", events)):
+        await trio.testing.wait_all_tasks_blocked()
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await system.ref("q").ask(Probe("count"))
+        assert scope.cancelled_caught and routes(events) == []

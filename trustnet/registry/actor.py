@@ -30,7 +30,7 @@ from typing import Any, Callable
 import attrs
 import trio
 
-from actors import Actor, ActorError, Letter, Ref, Refused
+from actors import Actor, ActorError, Letter, Ref, Refused, UseMailbox
 from trustnet.consensus.actor import ClusterStatus, CommitUnknown, NoLeader, Propose
 from trustnet.identity import IdentityError
 
@@ -310,7 +310,20 @@ class RegistryActor(Actor):
                                "statement first", {"node_id": node_id})
         return key
 
+    # What the HTTP facade asks most: answered in its task when we are idle
+    # (actors.actor.Actor.inline), none of them awaits.
+    inline = (m.Heartbeat, m.GetNode, m.ListNodes, m.ListDomains, m.ListPeers,
+              m.ReputationOf, m.Status)
+
+    def answer_now(self, msg: Any) -> Any:
+        if self.consensus is not None and isinstance(msg, LEASE_MESSAGES) and not self.leader_term:
+            raise UseMailbox()  # a follower forwards it to the leader (see handle)
+        return self._answer(msg)
+
     async def receive(self, msg: Any) -> Any:
+        return self._answer(msg)
+
+    def _answer(self, msg: Any) -> Any:
         match msg:
             case np.SessionHeartbeat() | np.OpenSession() | m.Heartbeat():
                 return self._lease_message(msg)
@@ -337,7 +350,8 @@ class RegistryActor(Actor):
                                   leader=self.raft.get("leader"), term=self.raft.get("term"),
                                   nodes=self.state.node_count(), leases=len(self.leases))
                 return status
-        return await super().receive(msg)
+        raise Refused("unhandled_message",
+                      f"{type(self).__name__} does not handle {type(msg).__name__}")
 
     # ------------------------------------------------------------ leases
 
