@@ -575,6 +575,8 @@ class ActorSystem:
                 reply.fail(codec.error_from_body(env.body))
             return
         reply = RemoteReply(self, env.sender, env.cid) if env.kind == "ask" else None  # type: ignore[arg-type]
+        if reply is not None and self._answered_inline(env.to, env.body, reply):
+            return
         letter = Letter(env.body, reply)
         try:
             await self.mailbox_of(env.to).put(letter)
@@ -582,6 +584,23 @@ class ActorSystem:
             if reply is None:
                 log.warning("tell dropped", extra={"to": env.to, "error": str(exc)})
             letter.fail(exc)
+
+    def _answered_inline(self, name: str, msg: Any, reply: RemoteReply) -> bool:
+        """Answer a remote ask in the link's task if the actor would answer
+        it inline (see Actor); False: it goes through the mailbox."""
+        box = self._mailboxes.get(name)
+        actor = box.idle_actor() if box is not None else None
+        if actor is None or not isinstance(msg, actor.inline):
+            return False
+        try:
+            reply.set(actor._answer_inline(msg))
+        except UseMailbox:
+            return False
+        except Refused as refusal:
+            reply.fail(refusal)
+        except _CrashedInline:
+            reply.fail(ActorCrashed(f"actor {name!r} crashed"))
+        return True
 
     def _link_down(self, address: str) -> None:
         """Fail at once the asks waiting on a lost link (their outcome is unknown)."""

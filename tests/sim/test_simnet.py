@@ -14,7 +14,8 @@ import pytest
 import trio
 import trio.testing
 
-from actors import Actor, ActorSystem, AskTimeout, Unreachable, message
+from actors import (Actor, ActorCrashed, ActorSystem, AskTimeout, ChildSpec, Refused, Supervisor,
+                    Unreachable, message)
 from actors.simnet import FaultModel, SimNetwork, SimTransport, seeded_trio_scheduler
 
 
@@ -109,6 +110,68 @@ async def test_remote_tell_and_ask(autojump_clock):
         assert kinds[:4] == [("send", a.address, b.address), ("deliver", a.address, b.address),
                              ("send", b.address, a.address), ("deliver", b.address, a.address)]
         assert net.trace[0].what == "ask#1 echo Ping(n=7)"
+        nursery.cancel_scope.cancel()
+
+
+class QuickEcho(Echo):
+    """Answers Ping(n) with Pong(n + notes seen), inline when idle; refuses
+    a negative n and crashes on 13, whichever way the ask came in."""
+
+    inline = (Ping,)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inline_answers = 0
+
+    def answer_now(self, msg: Ping) -> Pong:
+        self.inline_answers += 1
+        return self._pong(msg)
+
+    async def receive(self, msg):
+        return self._pong(msg) if isinstance(msg, Ping) else await super().receive(msg)
+
+    def _pong(self, msg: Ping) -> Pong:
+        if msg.n < 0:
+            raise Refused("negative", "no negative pings")
+        if msg.n == 13:
+            raise RuntimeError("unlucky")
+        return Pong(msg.n + len(self.notes))
+
+
+async def test_a_remote_ask_is_answered_inline_by_an_idle_actor_and_in_order(autojump_clock):
+    net = SimNetwork(seed=1, faults=FaultModel())
+    instances: list[QuickEcho] = []
+
+    def quick() -> QuickEcho:
+        instances.append(QuickEcho())
+        return instances[-1]
+
+    async def server(transport: SimTransport) -> None:
+        system = ActorSystem(transport=transport)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(system.serve)
+            await nursery.start(Supervisor(system, "sup", [ChildSpec("echo", quick)]).run)
+            await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        [a] = await start(nursery, net, "a")
+        await net.start_process(nursery, "sim://b", server)
+        echo = a.echo_at("sim://b")
+        assert await echo.ask(Ping(1)) == Pong(1)
+        assert instances[0].inline_answers == 1
+        # A tell then an ask on the same link: the ask must not overtake it.
+        await echo.tell(Note("first"))
+        assert await echo.ask(Ping(2)) == Pong(3)
+        with pytest.raises(Refused) as info:
+            await echo.ask(Ping(-1))
+        assert info.value.code == "negative"
+        await trio.testing.wait_all_tasks_blocked()
+        answered = instances[0].inline_answers
+        with pytest.raises(ActorCrashed):
+            await echo.ask(Ping(13))
+        assert instances[0].inline_answers == answered + 1  # it crashed inline
+        assert await echo.ask(Ping(5)) == Pong(5)  # a new instance, no notes
+        assert len(instances) == 2
         nursery.cancel_scope.cancel()
 
 

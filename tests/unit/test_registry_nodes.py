@@ -23,7 +23,7 @@ import orjson
 import pytest
 import trio
 
-from actors import ActorSystem, Refused
+from actors import ActorSystem, Letter, Refused, Reply
 from trustnet.identity import NodeIdentity, b64, session_key, session_mac, session_share
 from trustnet.node.heartbeat import HeartbeatSession
 from trustnet.registry import messages as m
@@ -115,19 +115,19 @@ def beat_at(session: HeartbeatSession, counter: int) -> SessionHeartbeat:
 
 async def ask_together(env: "Env", letters: dict[str, Any],
                        pick: Callable[[Any], Any] = lambda answer: answer) -> dict[str, Any]:
-    """Ask all at once, so they queue together (one batch): pick(answer) or
-    the refusal's code, by key."""
+    """Ask all at once, into the mailbox together (one batch; an ask sent
+    alone to the idle actor would be answered inline): pick(answer) or the
+    refusal's code, by key."""
+    box = env.system.mailbox_of("registry")
+    replies = {key: Reply() for key in letters}
+    for key, msg in letters.items():
+        box.put_nowait(Letter(msg, replies[key]))
     results: dict[str, Any] = {}
-
-    async def ask(key: str, msg: Any) -> None:
+    for key, reply in replies.items():
         try:
-            results[key] = pick(await env.ask(msg))
+            results[key] = pick(await reply.wait())
         except Refused as exc:
             results[key] = exc.code
-
-    async with trio.open_nursery() as nursery:
-        for key, msg in letters.items():
-            nursery.start_soon(ask, key, msg)
     return results
 
 

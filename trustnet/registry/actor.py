@@ -122,7 +122,8 @@ class RegistryActor(Actor):
 
     async def handle(self, letter: Letter) -> None:
         # Heartbeats queued together (what a link's frame batch brings) are
-        # answered together, so their replies leave in one frame too.
+        # answered together, so their replies leave in one frame too. (A
+        # session heartbeat that finds us idle never queues: answered inline.)
         while isinstance(letter.msg, (np.SessionHeartbeat, np.SignedHeartbeat)) and (
                 self.consensus is None or self.leader_term):
             kind = type(letter.msg)
@@ -312,8 +313,8 @@ class RegistryActor(Actor):
 
     # What the HTTP facade asks most: answered in its task when we are idle
     # (actors.actor.Actor.inline), none of them awaits.
-    inline = (m.Heartbeat, m.GetNode, m.ListNodes, m.ListDomains, m.ListPeers,
-              m.ReputationOf, m.Status)
+    inline = (m.Heartbeat, np.SessionHeartbeat, m.GetNode, m.ListNodes, m.ListDomains,
+              m.ListPeers, m.ReputationOf, m.Status)
 
     def answer_now(self, msg: Any) -> Any:
         if self.consensus is not None and isinstance(msg, LEASE_MESSAGES) and not self.leader_term:
