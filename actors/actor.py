@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import trio
 
@@ -19,6 +19,7 @@ from .codec import Envelope
 from .groups import collapsed
 from .errors import (
     ActorCrashed,
+    ActorError,
     ActorNotFound,
     ActorStopped,
     AskTimeout,
@@ -213,6 +214,13 @@ class _CrashedInline(Exception):
 
     def __init__(self, reply: Reply):
         self.reply = reply
+
+    async def wait(self, name: str, timeout: float) -> NoReturn:
+        """Raise the crash's ActorCrashed once the actor's task has crashed
+        (so what the caller sends next reaches the restarted instance)."""
+        with trio.move_on_after(timeout):
+            await self.reply.wait()
+        raise ActorCrashed(f"actor {name!r} crashed")
 
 
 class Ref:
@@ -513,7 +521,7 @@ class ActorSystem:
             except UseMailbox:
                 pass
             except _CrashedInline as crashed:
-                await crashed.reply.wait()  # raises the crash's ActorCrashed
+                await crashed.wait(name, timeout)
         reply = Reply()
         # move_on_after, not fail_after: a TooSlowError the answer carries must
         # not pass for our own timeout.
@@ -575,7 +583,7 @@ class ActorSystem:
                 reply.fail(codec.error_from_body(env.body))
             return
         reply = RemoteReply(self, env.sender, env.cid) if env.kind == "ask" else None  # type: ignore[arg-type]
-        if reply is not None and self._answered_inline(env.to, env.body, reply):
+        if reply is not None and await self._answered_inline(env.to, env.body, reply):
             return
         letter = Letter(env.body, reply)
         try:
@@ -585,7 +593,7 @@ class ActorSystem:
                 log.warning("tell dropped", extra={"to": env.to, "error": str(exc)})
             letter.fail(exc)
 
-    def _answered_inline(self, name: str, msg: Any, reply: RemoteReply) -> bool:
+    async def _answered_inline(self, name: str, msg: Any, reply: RemoteReply) -> bool:
         """Answer a remote ask in the link's task if the actor would answer
         it inline (see Actor); False: it goes through the mailbox."""
         box = self._mailboxes.get(name)
@@ -598,8 +606,11 @@ class ActorSystem:
             return False
         except Refused as refusal:
             reply.fail(refusal)
-        except _CrashedInline:
-            reply.fail(ActorCrashed(f"actor {name!r} crashed"))
+        except _CrashedInline as crashed:
+            try:
+                await crashed.wait(name, DEFAULT_ASK_TIMEOUT)
+            except ActorError as exc:  # crashed (or stopped meanwhile)
+                reply.fail(exc)
         return True
 
     def _link_down(self, address: str) -> None:
