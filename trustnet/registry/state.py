@@ -107,6 +107,11 @@ SELECT n.id, d.name AS domain, n.ipv6_addr AS ipv6, n.port, n.reputation,
        n.last_heartbeat, n.registered_at, n.lease_deadline, n.public_key
 FROM nodes AS n CROSS JOIN domains AS d ON d.id = n.domain_id
 """
+_NODE_FIELDS = ("id", "domain", "ipv6", "port", "reputation", "last_heartbeat",
+                "registered_at", "lease_deadline", "public_key")  # _NODE_SELECT's columns
+# Node rows kept for pages (~0.7 KB a node); past this many the cache
+# starts over.
+ROW_CACHE_LIMIT = 100_000
 
 _HASHED_TABLES = (
     ("domains", "id, name, created_at", "id"),
@@ -210,6 +215,11 @@ class RegistryState:
         self._lock = threading.RLock()
         self._keys: dict[str, str | None] = {}  # public_key_of's cache
         self._keys_touched: set[str] = set()  # names bound/released by the batch under way
+        # node id -> its _NODE_SELECT row, for pages: building a page's 100
+        # rows from SQLite was most of a domain query's own cost. Any write
+        # to a node row, by any statement, drops it (temp triggers, below).
+        self._rows: dict[str, dict] = {}
+        _note_node_changes(self._conn)
         self._handlers: dict[type, Callable[[Any], dict]] = {
             RegisterNode: self._register_node,
             DeleteNode: self._delete_node,
@@ -314,6 +324,7 @@ class RegistryState:
             if applied != self._applied:
                 self._conn.execute("UPDATE meta SET value = ? WHERE key = 'applied_index'",
                                    [applied])
+            self._forget_changed_rows()
         self._applied = applied
         return results
 
@@ -544,15 +555,36 @@ class RegistryState:
         limit = _page_size(limit)
         where, params = [], []
         if domain is not None:
-            where.append("n.domain_id = ?")
+            where.append("domain_id = ?")
             params.append(self._domain_id(domain))
         if after is not None:
-            where.append("n.id > ?")
+            where.append("id > ?")
             params.append(_text(after, "after"))
-        sql = _NODE_SELECT + (" WHERE " + " AND ".join(where) if where else "")
-        rows = list(self._db.query(sql + " ORDER BY n.id LIMIT ?", [*params, limit + 1]))
-        more = len(rows) > limit
-        return {"nodes": rows[:limit], "next": rows[limit - 1]["id"] if more else None}
+        # The page's ids from the index alone (no table lookups), then their
+        # rows, from the row cache where it has them.
+        sql = "SELECT id FROM nodes" + (" WHERE " + " AND ".join(where) if where else "")
+        ids = [row[0] for row in self._conn.execute(sql + " ORDER BY id LIMIT ?",
+                                                    [*params, limit + 1])]
+        more = len(ids) > limit
+        del ids[limit:]
+        return {"nodes": self._node_rows(ids), "next": ids[-1] if more else None}
+
+    def _node_rows(self, ids: list[str]) -> list[dict]:
+        rows = self._rows
+        missing = [node_id for node_id in ids if node_id not in rows]
+        if missing:
+            if len(rows) + len(missing) > ROW_CACHE_LIMIT:
+                rows.clear()
+            marks = ", ".join("?" * len(missing))
+            for row in self._conn.execute(_NODE_SELECT + f" WHERE n.id IN ({marks})", missing):
+                rows[row[0]] = dict(zip(_NODE_FIELDS, row))
+        return [rows[node_id].copy() for node_id in ids]  # copies: callers may change theirs
+
+    def _forget_changed_rows(self) -> None:
+        """Drop the cached rows of the nodes written since the last call."""
+        for (node_id,) in self._conn.execute("DELETE FROM temp.changed_nodes RETURNING id"
+                                             ).fetchall():
+            self._rows.pop(node_id, None)
 
     @_serialized
     def list_domains(self) -> list[dict]:
@@ -693,6 +725,7 @@ class RegistryState:
             raise ValueError(f"registry snapshot violates the schema: {exc}") from None
         finally:
             self._keys.clear()
+            self._forget_changed_rows()
         self._applied = index
 
     # ------------------------------------------------------------ helpers
@@ -702,6 +735,8 @@ class RegistryState:
         return None if row is None else row[0]
 
     def _node_or_none(self, node_id: str) -> dict | None:
+        # (Not through the row cache: a write may ask in mid-batch, before the
+        # batch's changes are forgotten.)
         # list(): drain the cursor so no statement stays open into COMMIT
         rows = list(self._db.query(_NODE_SELECT + " WHERE n.id = ?", [node_id]))
         return rows[0] if rows else None
@@ -985,3 +1020,16 @@ def _check_indices(items: list[tuple[int, Any]]) -> None:
             raise ValueError(f"log indices must be increasing positive integers, got {index!r} "
                              f"after {previous}")
         previous = index
+
+
+def _note_node_changes(conn: sqlite3.Connection) -> None:
+    """Temp triggers that record the id of every node row written on `conn`,
+    whatever the statement, for RegistryState's row cache. Temp objects live
+    with the connection, outside the database file, its snapshots and its
+    hash; they roll back with the transaction that wrote them (so did the
+    change they record)."""
+    conn.execute("CREATE TEMP TABLE IF NOT EXISTS changed_nodes (id TEXT NOT NULL)")
+    for event, row in (("INSERT", "new"), ("UPDATE", "old"), ("DELETE", "old")):
+        conn.execute(f"CREATE TEMP TRIGGER IF NOT EXISTS node_{event.lower()}_noted "
+                     f"AFTER {event} ON main.nodes "
+                     f"BEGIN INSERT INTO changed_nodes (id) VALUES ({row}.id); END")
