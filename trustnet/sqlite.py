@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
+from typing import Iterator
 
 
 class Transaction:
@@ -31,3 +33,17 @@ class Transaction:
     def _rollback(self) -> None:
         if self._conn.in_transaction:
             self._conn.execute("ROLLBACK")
+
+
+@contextlib.contextmanager
+def unsynced_transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    """A Transaction written to the file but not fsync'd (synchronous=OFF for
+    its COMMIT), for a change that safety never needs: WAL keeps it atomic,
+    and the next synced commit makes it durable with it."""
+    level = conn.execute("PRAGMA synchronous").fetchone()[0]
+    conn.execute("PRAGMA synchronous = OFF")
+    try:
+        with Transaction(conn):
+            yield
+    finally:
+        conn.execute(f"PRAGMA synchronous = {int(level)}")

@@ -48,11 +48,14 @@ class Spy:
 
     def __init__(self, state: RegistryState, monkeypatch: pytest.MonkeyPatch):
         self.batches: list[list] = []
+        self.unsynced: list[list] = []  # the batches committed without an fsync
         real = state.apply_batch
 
-        def apply_batch(items):
+        def apply_batch(items, *, durable=True):
             self.batches.append([cmd for _, cmd in items])
-            return real(items)
+            if not durable:
+                self.unsynced.append(self.batches[-1])
+            return real(items, durable=durable)
 
         monkeypatch.setattr(state, "apply_batch", apply_batch)
 
@@ -215,6 +218,8 @@ async def test_checkpoint_writes_renewed_deadlines(state, clock, monkeypatch, au
         [checkpoint] = spy.lease_checkpoints()
         assert [e.node_id for e in checkpoint.entries] == ["n0", "n1", "n2"]
         assert state.applied_index == index + len(spy.batches)
+        # soft state: checkpoints (leases, scores) are committed without an fsync
+        assert spy.unsynced == spy.batches and spy.batches
         await trio.sleep(CHECKPOINT)
         assert len(spy.lease_checkpoints()) == 1
 
@@ -423,6 +428,7 @@ async def test_concurrent_writes_are_all_answered_and_applied_in_few_batches(
         assert state.applied_index == 200
         assert sum(len(b) for b in spy.batches) == 200
         assert len(spy.batches) < 50, [len(b) for b in spy.batches]
+        assert spy.unsynced == []  # a write is answered once it is on disk
         page = await reg.ask(m.ListNodes(domain="d1", limit=1000))
         assert len(page["nodes"]) == 50
 

@@ -58,7 +58,7 @@ from typing import Callable, Iterable
 
 import orjson
 
-from trustnet.sqlite import Transaction
+from trustnet.sqlite import Transaction, unsynced_transaction
 
 from .core import HardState, PersistedState, Ready, Snapshot, decode_conf_change, must_sync
 from .messages import ENTRY_KINDS, Entry
@@ -406,22 +406,8 @@ class SqliteRaftStorage:
             self.fault_hook(stage)
 
     def _transaction(self, durable: bool = True) -> contextlib.AbstractContextManager:
-        if durable:
-            return Transaction(self._conn)
-        return self._unsynced_transaction()
-
-    @contextlib.contextmanager
-    def _unsynced_transaction(self):
-        """Written to the file but not fsync'd: for a change that is never
-        needed for safety (a commit index alone, see core.must_sync). A later
-        synced commit of the WAL makes it durable with it."""
-        level = self._conn.execute("PRAGMA synchronous").fetchone()[0]
-        self._conn.execute("PRAGMA synchronous = OFF")
-        try:
-            with Transaction(self._conn):
-                yield
-        finally:
-            self._conn.execute(f"PRAGMA synchronous = {int(level)}")
+        # Not durable: a commit index alone, never needed for safety (core.must_sync).
+        return Transaction(self._conn) if durable else unsynced_transaction(self._conn)
 
 
 def _connect(path: str) -> sqlite3.Connection:

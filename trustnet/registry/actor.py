@@ -64,7 +64,7 @@ LINK_STATES = ("open", "closed", "failed")
 LEASE_MESSAGES = (m.Heartbeat, np.SignedHeartbeat, m.LeaderHeartbeat, np.OpenSession,
                   np.SessionHeartbeat)
 MAX_BATCH = 512
-CHECKPOINT_CHUNK = 2000
+CHECKPOINT_CHUNK = 250
 
 
 class RegistryActor(Actor):
@@ -116,7 +116,7 @@ class RegistryActor(Actor):
             with trio.move_on_after(1.0):
                 await self._checkpoint()
             return
-        await self._checkpoint()
+        await self._checkpoint(pace=False)  # stopping: nothing to make room for
 
     # ------------------------------------------------------------ letters
 
@@ -420,22 +420,34 @@ class RegistryActor(Actor):
             await trio.sleep(self.checkpoint_interval)
             await self._checkpoint()
 
-    async def _checkpoint(self) -> None:
-        """Write renewed deadlines in chunks, yielding between them so a big
-        checkpoint never stalls the event loop for long."""
+    async def _checkpoint(self, pace: bool = True) -> None:
+        """Write changed scores and renewed deadlines in small chunks,
+        yielding between them, so a big checkpoint never stalls the event
+        loop for long (with 100,000 nodes, one transaction of all 7,000 scores
+        and chunks of 2,000 leases made a heartbeat's p99 ~150 ms)."""
         if self.consensus is not None:
             await self._checkpoint_replicated()
             return
+        # No fsync for either: what a crash can lose of them changes nothing
+        # that matters. A restarted registry gives every lease a full TTL
+        # anyway (on_start), and a score is a running estimate.
         scores = self.reputation.take_dirty()
-        if scores:
-            entries = tuple(ReputationEntry(node_id=n, reputation=r) for n, r in scores)
-            self.state.apply_next([SetReputation(entries=entries)])
+        for i in range(0, len(scores), CHECKPOINT_CHUNK):
+            entries = tuple(ReputationEntry(node_id=n, reputation=r)
+                            for n, r in scores[i:i + CHECKPOINT_CHUNK])
+            await self._apply_soft([SetReputation(entries=entries)], pace)
         dirty = self.leases.take_dirty()
         for i in range(0, len(dirty), CHECKPOINT_CHUNK):
             entries = tuple(LeaseEntry(node_id=n, deadline=d, last_heartbeat=h)
                             for n, d, h in dirty[i:i + CHECKPOINT_CHUNK])
-            self.state.apply_next([CheckpointLeases(entries=entries)])
-            await trio.sleep(0)
+            await self._apply_soft([CheckpointLeases(entries=entries)], pace)
+
+    async def _apply_soft(self, commands: list[Any], pace: bool) -> None:
+        """Apply without fsync; `pace`: then rest as long as that took, so a
+        checkpoint takes at most half of the event loop while requests wait."""
+        started = time.perf_counter()
+        self.state.apply_next(commands, durable=False)
+        await trio.sleep(time.perf_counter() - started if pace else 0)
 
 
     # ------------------------------------------------------------ replicated mode

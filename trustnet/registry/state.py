@@ -32,7 +32,7 @@ import sqlite_utils
 
 from actors.codec import error_body, error_from_body
 from actors.errors import Refused
-from trustnet.sqlite import Transaction
+from trustnet.sqlite import Transaction, unsynced_transaction
 
 from .commands import (
     AddPeer,
@@ -291,7 +291,7 @@ class RegistryState:
         return result
 
     @_serialized
-    def apply_batch(self, items: list[tuple[int, Any]]) -> list[Any]:
+    def apply_batch(self, items: list[tuple[int, Any]], *, durable: bool = True) -> list[Any]:
         """Apply entries in one transaction (one fsync); one result per entry.
 
         A slot holds the command's result dict, the Refused it raised (only
@@ -309,7 +309,7 @@ class RegistryState:
         _check_indices(items)
         applied = self._applied
         results: list[Any] = []
-        with self._transaction(), self._forget_touched_keys():
+        with self._transaction(durable), self._forget_touched_keys():
             for index, cmd in items:
                 if index <= applied:
                     results.append(AlreadyApplied)
@@ -329,11 +329,13 @@ class RegistryState:
         return results
 
     @_serialized
-    def apply_next(self, commands: list[Any]) -> list[Any]:
+    def apply_next(self, commands: list[Any], *, durable: bool = True) -> list[Any]:
         """apply_batch of `commands` at the indices right after applied_index
         (a lone registry numbers its own commands), chosen under the lock so
-        that two callers in different threads never take the same ones."""
-        return self.apply_batch(list(enumerate(commands, self._applied + 1)))
+        that two callers in different threads never take the same ones.
+        durable=False: committed without an fsync (still atomic), for what a
+        crash may lose without harm; the next durable commit syncs it too."""
+        return self.apply_batch(list(enumerate(commands, self._applied + 1)), durable=durable)
 
     @contextlib.contextmanager
     def _forget_touched_keys(self):
@@ -388,8 +390,8 @@ class RegistryState:
             raise KeyError(request_id)
         return _session_result(row[0])
 
-    def _transaction(self) -> Transaction:
-        return Transaction(self._conn)
+    def _transaction(self, durable: bool = True) -> contextlib.AbstractContextManager:
+        return Transaction(self._conn) if durable else unsynced_transaction(self._conn)
 
     # ------------------------------------------------------------ handlers
 
