@@ -512,21 +512,15 @@ class ActorSystem:
         return self.ref(name)
 
     async def _ask_local(self, name: str, msg: Any, timeout: float) -> Any:
-        box = self.mailbox_of(name)
-        actor = box.idle_actor()
-        if actor is not None and isinstance(msg, actor.inline):
-            await trio.lowlevel.checkpoint_if_cancelled()  # still a cancel point
-            try:
-                return actor._answer_inline(msg)
-            except UseMailbox:
-                pass
-            except _CrashedInline as crashed:
-                await crashed.wait(name, timeout)
+        try:
+            return await self._answer_inline(name, msg, timeout)
+        except UseMailbox:
+            pass
         reply = Reply()
         # move_on_after, not fail_after: a TooSlowError the answer carries must
         # not pass for our own timeout.
         with trio.move_on_after(timeout):
-            await box.put(Letter(msg, reply))
+            await self.mailbox_of(name).put(Letter(msg, reply))
             return await reply.wait()
         raise AskTimeout(f"ask {type(msg).__name__} to {name!r} at {self.address} "
                          f"got no reply within {timeout}s")
@@ -593,24 +587,28 @@ class ActorSystem:
                 log.warning("tell dropped", extra={"to": env.to, "error": str(exc)})
             letter.fail(exc)
 
-    async def _answered_inline(self, name: str, msg: Any, reply: RemoteReply) -> bool:
-        """Answer a remote ask in the link's task if the actor would answer
-        it inline (see Actor); False: it goes through the mailbox."""
+    async def _answer_inline(self, name: str, msg: Any, timeout: float) -> Any:
+        """The answer of actor `name` to `msg` given now, in this task, if
+        the actor is idle and lists the type (see Actor); UseMailbox if not."""
         box = self._mailboxes.get(name)
         actor = box.idle_actor() if box is not None else None
         if actor is None or not isinstance(msg, actor.inline):
-            return False
+            raise UseMailbox()
+        await trio.lowlevel.checkpoint_if_cancelled()  # still a cancel point
         try:
-            reply.set(actor._answer_inline(msg))
+            return actor._answer_inline(msg)
+        except _CrashedInline as crashed:
+            await crashed.wait(name, timeout)
+
+    async def _answered_inline(self, name: str, msg: Any, reply: RemoteReply) -> bool:
+        """Answer a remote ask in the link's task if the actor would answer
+        it inline; False: it goes through the mailbox."""
+        try:
+            reply.set(await self._answer_inline(name, msg, DEFAULT_ASK_TIMEOUT))
         except UseMailbox:
             return False
-        except Refused as refusal:
-            reply.fail(refusal)
-        except _CrashedInline as crashed:
-            try:
-                await crashed.wait(name, DEFAULT_ASK_TIMEOUT)
-            except ActorError as exc:  # crashed (or stopped meanwhile)
-                reply.fail(exc)
+        except ActorError as exc:  # refused, or crashed (or stopped meanwhile)
+            reply.fail(exc)
         return True
 
     def _link_down(self, address: str) -> None:

@@ -414,13 +414,11 @@ class RegistryState:
                  port = excluded.port, last_heartbeat = excluded.last_heartbeat,
                  lease_deadline = excluded.lease_deadline,
                  public_key = coalesce(excluded.public_key, nodes.public_key)
-               RETURNING id, ipv6_addr, port, reputation, last_heartbeat, registered_at,
+               RETURNING id, ?, ipv6_addr, port, reputation, last_heartbeat, registered_at,
                          lease_deadline, public_key""",
-            [node_id, domain_id, ipv6, port, at, at, deadline, key]).fetchall()
-        # the columns and order of _NODE_SELECT; the domain is the one just ensured
-        return {"id": row[0], "domain": domain, "ipv6": row[1], "port": row[2],
-                "reputation": row[3], "last_heartbeat": row[4], "registered_at": row[5],
-                "lease_deadline": row[6], "public_key": row[7]}
+            [node_id, domain_id, ipv6, port, at, at, deadline, key, domain]).fetchall()
+        # _NODE_SELECT's columns; the domain is the one just ensured
+        return dict(zip(_NODE_FIELDS, row))
 
     def _bind_identity(self, node_id: str, key: str | None, at: str) -> str | None:
         """The key the name is bound to after this registration (binding it on
