@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import random
 
+import orjson
 import pytest
 
 from trustnet.registry.leases import LeaseTable
@@ -237,21 +238,30 @@ def test_sweep_and_drop_in_rounds_like_the_actor():
     assert table.expired(now + 1000) == []
 
 
-def test_the_renewal_stamp_is_formatted_once_per_renewal():
+def test_the_lease_json_is_encoded_once_per_renewal_and_closes_a_node_object():
     calls: list[float] = []
 
     def fmt(t: float) -> str:
         calls.append(t)
         return f"t={t}"
 
+    def node(table: LeaseTable) -> dict:
+        [fields] = table.leases_json(["a"], fmt)
+        return orjson.loads(b'{"id":"a"' + fields)
+
     table = LeaseTable(ttl=30.0)
-    assert table.last_renewal_stamp("a", fmt) is None
+    assert table.leases_json(["a"], fmt) == [None]
     table.grant("a", 100.0)
-    assert table.last_renewal_stamp("a", fmt) == "t=100.0"
-    assert table.last_renewal_stamp("a", fmt) == "t=100.0"
+    assert node(table) == {"id": "a", "last_heartbeat": "t=100.0", "lease_deadline": 130.0}
+    assert node(table) == {"id": "a", "last_heartbeat": "t=100.0", "lease_deadline": 130.0}
     assert calls == [100.0]
-    table.renew("a", 110.0)
-    assert table.last_renewal_stamp("a", fmt) == "t=110.0"
-    assert calls == [100.0, 110.0]
+    table.renew("a", 110.25)
+    assert node(table) == {"id": "a", "last_heartbeat": "t=110.25", "lease_deadline": 140.25}
+    assert calls == [100.0, 110.25]
+    table.grant("a", 120.0, deadline=125.5)  # a granted deadline, not now + ttl
+    assert node(table)["lease_deadline"] == 125.5
+    table.grant("b", 121.0)
+    assert [f is not None for f in table.leases_json(["x", "b", "a", "y"], fmt)] == \
+        [False, True, True, False]
     table.drop("a")
-    assert table.last_renewal_stamp("a", fmt) is None
+    assert table.leases_json(["a"], fmt) == [None]

@@ -12,6 +12,7 @@ import contextlib
 import logging
 from typing import AsyncIterator
 
+import orjson
 import pytest
 import trio
 
@@ -191,6 +192,10 @@ async def test_heartbeat_renews_in_memory_without_a_durable_write(
         node = await reg.ask(m.GetNode("n1"))
         assert node["lease_deadline"] == T0 + 15 + TTL
         assert node["last_heartbeat"] == "2026-01-30T12:00:15.000000Z"
+        # and so do pages, decoded or as the JSON the HTTP API sends
+        page = await reg.ask(m.ListNodes())
+        assert page == {"nodes": [node], "next": None}
+        assert orjson.loads(await reg.ask(m.ListNodes(encoded=True))) == page
 
 
 async def test_checkpoint_writes_renewed_deadlines(state, clock, monkeypatch, autojump_clock):

@@ -271,6 +271,11 @@ async def test_heartbeat(env, client):
     assert status == 200
     assert lease["node_id"] == "n1" and lease["ttl"] == 3600.0
     assert lease["lease_deadline"] == env.actor.leases.deadline("n1")
+    # the node and its page show the renewed lease, not the checkpointed one
+    for path in ("/nodes/n1", "/nodes?domain=default"):
+        status, body, _ = await call(client, "GET", path)
+        node = body if path == "/nodes/n1" else body["nodes"][0]
+        assert node["lease_deadline"] == lease["lease_deadline"], path
     status, lease, _ = await call(client, "POST", "/nodes/n1/heartbeat", {})
     assert status == 200
     status, body, _ = await call(client, "POST", "/nodes/ghost/heartbeat")

@@ -28,6 +28,7 @@ import time
 from typing import Any, Callable
 
 import attrs
+import orjson
 import trio
 
 from actors import Actor, ActorError, Letter, Ref, Refused, UseMailbox
@@ -335,10 +336,9 @@ class RegistryActor(Actor):
                 return {**self.reputation.breakdown(node_id), "stored": node["reputation"]}
             case m.GetNode(node_id):
                 return self._fresh(self.state.get_node(node_id))
-            case m.ListNodes(domain, limit, after):
-                page = self.state.list_nodes(domain, limit, after)
-                page["nodes"] = [self._fresh(n) for n in page["nodes"]]
-                return page
+            case m.ListNodes(domain, limit, after, encoded):
+                page = self.state.node_page_json(domain, limit, after, self._leases_json)
+                return page if encoded else orjson.loads(page)
             case m.ListDomains():
                 return self.state.list_domains()
             case m.ListPeers(node_id):
@@ -392,8 +392,12 @@ class RegistryActor(Actor):
         deadline = self.leases.deadline(node["id"])
         if deadline is not None:
             node["lease_deadline"] = deadline
-            node["last_heartbeat"] = self.leases.last_renewal_stamp(node["id"], iso_utc)
+            node["last_heartbeat"] = iso_utc(self.leases.last_renewal(node["id"]))
         return node
+
+    def _leases_json(self, node_ids: list[str]) -> list[bytes | None]:
+        """_fresh's overlay for a page's rows, as JSON (see node_page_json)."""
+        return self.leases.leases_json(node_ids, iso_utc)
 
     async def _sweep_loop(self) -> None:
         while True:

@@ -37,8 +37,9 @@ WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 
 
 def json_response(body: Any, status: int = 200, headers: dict | None = None) -> Response:
-    return Response(orjson.dumps(body), status=status, content_type="application/json",
-                    headers=headers)
+    """`body` as JSON; bytes are taken as JSON already encoded (a page of nodes)."""
+    data = body if isinstance(body, bytes) else orjson.dumps(body)
+    return Response(data, status=status, content_type="application/json", headers=headers)
 
 
 def error_response(status: int, code: str, message: str, headers: dict | None = None) -> Response:

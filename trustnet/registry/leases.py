@@ -13,13 +13,15 @@ import math
 from collections import defaultdict
 from typing import Callable
 
+import orjson
+
 
 class LeaseTable:
     def __init__(self, ttl: float):
         self.ttl = ttl
         self._deadline: dict[str, float] = {}
         self._last_renewal: dict[str, float] = {}
-        self._stamps: dict[str, str] = {}  # last_renewal_stamp's, until the next renewal
+        self._json: dict[str, bytes] = {}  # leases_json entries, until the next renewal
         self._buckets: defaultdict[int, set[str]] = defaultdict(set)
         self._dirty: set[str] = set()
 
@@ -35,16 +37,20 @@ class LeaseTable:
     def last_renewal(self, node_id: str) -> float | None:
         return self._last_renewal.get(node_id)
 
-    def last_renewal_stamp(self, node_id: str, fmt: Callable[[float], str]) -> str | None:
-        """fmt(last renewal), formatted once per renewal rather than on every
+    def leases_json(self, node_ids: list[str], fmt: Callable[[float], str]) -> list[bytes | None]:
+        """Each node's lease as the closing fields of its JSON object,
+        `,"last_heartbeat":fmt(last renewal),"lease_deadline":deadline}`, or
+        None without a lease. Encoded once per renewal rather than on every
         read: a page of 100 nodes would otherwise format 100 timestamps."""
-        stamp = self._stamps.get(node_id)
-        if stamp is None:
-            renewed = self._last_renewal.get(node_id)
-            if renewed is None:
-                return None
-            stamp = self._stamps[node_id] = fmt(renewed)
-        return stamp
+        cached = self._json
+        out = [cached.get(node_id) for node_id in node_ids]
+        if None in out:
+            for i, node_id in enumerate(node_ids):
+                if out[i] is None and (deadline := self._deadline.get(node_id)) is not None:
+                    fields = {"last_heartbeat": fmt(self._last_renewal[node_id]),
+                              "lease_deadline": deadline}
+                    out[i] = cached[node_id] = b"," + orjson.dumps(fields)[1:]
+        return out
 
     def grant(self, node_id: str, now: float, deadline: float | None = None) -> float:
         """Start or renew a lease; returns its deadline (now + ttl by default)."""
@@ -55,7 +61,7 @@ class LeaseTable:
             self._bucket_of(old).discard(node_id)
         self._deadline[node_id] = deadline
         self._last_renewal[node_id] = now
-        self._stamps.pop(node_id, None)
+        self._json.pop(node_id, None)
         self._buckets[_slot(deadline)].add(node_id)
         self._dirty.add(node_id)
         return deadline
@@ -71,7 +77,7 @@ class LeaseTable:
         if old is not None:
             self._bucket_of(old).discard(node_id)
         self._last_renewal.pop(node_id, None)
-        self._stamps.pop(node_id, None)
+        self._json.pop(node_id, None)
         self._dirty.discard(node_id)
 
     def expired(self, now: float) -> list[str]:

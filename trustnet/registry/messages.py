@@ -47,6 +47,7 @@ class ListNodes:
     domain: str | None = None
     limit: int = 100
     after: str | None = None
+    encoded: bool = False  # answer with the page as JSON bytes (what the HTTP API sends)
 
 
 @message("registry.req.list_domains")

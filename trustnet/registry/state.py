@@ -49,6 +49,7 @@ from .commands import (
     RemovePeer,
     SetReputation,
 )
+from .node_order import NodeOrder
 
 __all__ = [
     "AlreadyApplied",
@@ -104,14 +105,17 @@ CREATE INDEX peers_node_b ON peers(node_b);
 # order instead of sorting a whole domain.
 _NODE_SELECT = """
 SELECT n.id, d.name AS domain, n.ipv6_addr AS ipv6, n.port, n.reputation,
-       n.last_heartbeat, n.registered_at, n.lease_deadline, n.public_key
+       n.registered_at, n.public_key, n.last_heartbeat, n.lease_deadline
 FROM nodes AS n CROSS JOIN domains AS d ON d.id = n.domain_id
 """
-_NODE_FIELDS = ("id", "domain", "ipv6", "port", "reputation", "last_heartbeat",
-                "registered_at", "lease_deadline", "public_key")  # _NODE_SELECT's columns
-# Node rows kept for pages (~0.7 KB a node); past this many the cache
-# starts over.
-ROW_CACHE_LIMIT = 100_000
+# _NODE_SELECT's columns. The lease's two come last: a page's JSON takes
+# them from the live lease table (see node_page_json).
+_NODE_FIELDS = ("id", "domain", "ipv6", "port", "reputation", "registered_at", "public_key",
+                "last_heartbeat", "lease_deadline")
+_LEASE_FIELDS = 2
+# Node rows kept for pages, as JSON (~0.45 KB a node, so ~65 MB at most);
+# past this many the cache starts over.
+ROW_CACHE_LIMIT = 150_000
 
 _HASHED_TABLES = (
     ("domains", "id, name, created_at", "id"),
@@ -215,11 +219,16 @@ class RegistryState:
         self._lock = threading.RLock()
         self._keys: dict[str, str | None] = {}  # public_key_of's cache
         self._keys_touched: set[str] = set()  # names bound/released by the batch under way
-        # node id -> its _NODE_SELECT row, for pages: building a page's 100
-        # rows from SQLite was most of a domain query's own cost. Any write
-        # to a node row, by any statement, drops it (temp triggers, below).
-        self._rows: dict[str, dict] = {}
+        # node id -> its _NODE_SELECT row as JSON, for pages (see
+        # _row_json): building a page's 100 rows from SQLite, then encoding
+        # them, was most of a domain query's own cost. Any write to a node
+        # row, by any statement, drops it (temp triggers, below).
+        self._rows: dict[str, tuple[bytes, bytes]] = {}
+        # domain name -> id, as pages found them: a committed domain is only
+        # ever removed by a restore, which clears this.
+        self._domain_ids: dict[str, str] = {}
         _note_node_changes(self._conn)
+        self._order = self._read_order()
         self._handlers: dict[type, Callable[[Any], dict]] = {
             RegisterNode: self._register_node,
             DeleteNode: self._delete_node,
@@ -324,7 +333,9 @@ class RegistryState:
             if applied != self._applied:
                 self._conn.execute("UPDATE meta SET value = ? WHERE key = 'applied_index'",
                                    [applied])
-            self._forget_changed_rows()
+            changed = self._take_changed_nodes()
+        for node_id, domain_id in changed:  # committed: the page order follows
+            self._order.place(node_id, domain_id)
         self._applied = applied
         return results
 
@@ -414,8 +425,8 @@ class RegistryState:
                  port = excluded.port, last_heartbeat = excluded.last_heartbeat,
                  lease_deadline = excluded.lease_deadline,
                  public_key = coalesce(excluded.public_key, nodes.public_key)
-               RETURNING id, ?, ipv6_addr, port, reputation, last_heartbeat, registered_at,
-                         lease_deadline, public_key""",
+               RETURNING id, ?, ipv6_addr, port, reputation, registered_at, public_key,
+                         last_heartbeat, lease_deadline""",
             [node_id, domain_id, ipv6, port, at, at, deadline, key, domain]).fetchall()
         # _NODE_SELECT's columns; the domain is the one just ensured
         return dict(zip(_NODE_FIELDS, row))
@@ -543,33 +554,50 @@ class RegistryState:
             raise NotFound(f"node {node_id!r} is not registered", {"node_id": node_id})
         return node
 
-    @_serialized
     def list_nodes(self, domain: str | None = None, limit: int = 100,
                    after: str | None = None) -> dict:
-        """One page of nodes in id order: {"nodes": [...], "next": cursor or None}.
+        """One page of stored node rows in id order: {"nodes": [...], "next":
+        cursor or None}. Pass `next` back as `after` for the following page.
+        The same page as node_page_json, decoded."""
+        return orjson.loads(self.node_page_json(domain, limit, after))
 
-        Pass `next` back as `after` for the following page. Keyset pagination
-        on an index: a page costs the same at node 100,000 as at node 1.
-        An unknown domain raises NotFound (an empty domain gives an empty page).
+    @_serialized
+    def node_page_json(self, domain: str | None = None, limit: int = 100,
+                       after: str | None = None,
+                       leases_json: Callable[[list[str]], list[bytes | None]] | None = None
+                       ) -> bytes:
+        """list_nodes's page as the JSON the HTTP API sends. `leases_json(ids)`
+        gives each node's live lease fields (the stored ones lag by a
+        checkpoint) as `,"last_heartbeat":..,"lease_deadline":..}`, or None
+        to keep the stored ones (LeaseTable.leases_json).
+
+        Keyset pagination on an index: a page costs the same at node 100,000
+        as at node 1. An unknown domain raises NotFound (an empty domain gives
+        an empty page).
         """
         limit = _page_size(limit)
-        where, params = [], []
+        domain_id = None
         if domain is not None:
-            where.append("domain_id = ?")
-            params.append(self._domain_id(domain))
+            domain_id = self._domain_ids.get(domain)
+            if domain_id is None:
+                domain_id = self._domain_ids[domain] = self._domain_id(domain)
         if after is not None:
-            where.append("id > ?")
-            params.append(_text(after, "after"))
-        # The page's ids from the index alone (no table lookups), then their
-        # rows, from the row cache where it has them.
-        sql = "SELECT id FROM nodes" + (" WHERE " + " AND ".join(where) if where else "")
-        ids = [row[0] for row in self._conn.execute(sql + " ORDER BY id LIMIT ?",
-                                                    [*params, limit + 1])]
+            after = _text(after, "after")
+        # The page's ids from the id order in memory, then their rows, from
+        # the row cache where it has them.
+        ids = self._order.page(domain_id, after, limit + 1)
         more = len(ids) > limit
         del ids[limit:]
-        return {"nodes": self._node_rows(ids), "next": ids[-1] if more else None}
+        rows = self._cached_rows(ids)
+        if leases_json is None:
+            parts = [head + stored for head, stored in rows]
+        else:
+            parts = [head + (live or stored)
+                     for (head, stored), live in zip(rows, leases_json(ids))]
+        return b'{"nodes":[' + b",".join(parts) + b'],"next":' + orjson.dumps(
+            ids[-1] if more else None) + b"}"
 
-    def _node_rows(self, ids: list[str]) -> list[dict]:
+    def _cached_rows(self, ids: list[str]) -> list[tuple[bytes, bytes]]:
         rows = self._rows
         missing = [node_id for node_id in ids if node_id not in rows]
         if missing:
@@ -577,14 +605,24 @@ class RegistryState:
                 rows.clear()
             marks = ", ".join("?" * len(missing))
             for row in self._conn.execute(_NODE_SELECT + f" WHERE n.id IN ({marks})", missing):
-                rows[row[0]] = dict(zip(_NODE_FIELDS, row))
-        return [rows[node_id].copy() for node_id in ids]  # copies: callers may change theirs
+                rows[row[0]] = _row_json(row)
+        return [rows[node_id] for node_id in ids]
 
-    def _forget_changed_rows(self) -> None:
-        """Drop the cached rows of the nodes written since the last call."""
-        for (node_id,) in self._conn.execute("DELETE FROM temp.changed_nodes RETURNING id"
-                                             ).fetchall():
+    def _take_changed_nodes(self) -> list[tuple[str, str | None]]:
+        """(id, domain id or None if gone) of each node written since the
+        last call, its cached row dropped. Called inside the writing
+        transaction, so the notes go with it; the caller moves the nodes in
+        the page order once that transaction has committed."""
+        changed = self._conn.execute(
+            "SELECT DISTINCT c.id, n.domain_id FROM temp.changed_nodes AS c "
+            "LEFT JOIN main.nodes AS n ON n.id = c.id").fetchall()
+        self._conn.execute("DELETE FROM temp.changed_nodes")
+        for node_id, _domain_id in changed:
             self._rows.pop(node_id, None)
+        return changed
+
+    def _read_order(self) -> NodeOrder:
+        return NodeOrder(self._conn.execute("SELECT id, domain_id FROM nodes"))
 
     @_serialized
     def list_domains(self) -> list[dict]:
@@ -725,7 +763,10 @@ class RegistryState:
             raise ValueError(f"registry snapshot violates the schema: {exc}") from None
         finally:
             self._keys.clear()
-            self._forget_changed_rows()
+            self._domain_ids.clear()
+            self._rows.clear()
+            self._conn.execute("DELETE FROM temp.changed_nodes")
+        self._order = self._read_order()  # every row was replaced
         self._applied = index
 
     # ------------------------------------------------------------ helpers
@@ -907,6 +948,17 @@ def iso_utc(t: float | None) -> str | None:
 @functools.lru_cache(maxsize=4096)
 def _iso_second(second: int) -> str:
     return datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
+def _row_json(row: tuple) -> tuple[bytes, bytes]:
+    """A _NODE_SELECT row as two pieces of one JSON object: the head (no
+    closing brace) and the stored lease fields with the brace. A page swaps
+    the second for the live lease (LeaseTable.leases_json) without encoding
+    the row again."""
+    cut = len(_NODE_FIELDS) - _LEASE_FIELDS
+    head = orjson.dumps(dict(zip(_NODE_FIELDS[:cut], row[:cut])))[:-1]
+    stored = orjson.dumps(dict(zip(_NODE_FIELDS[cut:], row[cut:])))
+    return head, b"," + stored[1:]
 
 
 def _seconds(stamp: str | None) -> float | None:

@@ -132,6 +132,7 @@ def query(args: dict[str, str], allowed: tuple[str, ...]) -> None:
 
 
 def list_nodes(args: dict[str, str]) -> m.ListNodes:
+    """GET /nodes's query; the page is asked for as the JSON to send."""
     query(args, ("domain", "limit", "after"))
     limit_text = args.get("limit", "100")
     # ASCII digits only: str.isdigit() also takes "²" (int() then raises) and
@@ -142,7 +143,8 @@ def list_nodes(args: dict[str, str]) -> m.ListNodes:
     after = args.get("after")
     return m.ListNodes(domain=name(domain, "domain") if domain is not None else None,
                        limit=int(limit_text),
-                       after=name(after, "after") if after is not None else None)
+                       after=name(after, "after") if after is not None else None,
+                       encoded=True)
 
 
 def _kind(value: Any) -> str:
