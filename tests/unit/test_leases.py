@@ -238,30 +238,30 @@ def test_sweep_and_drop_in_rounds_like_the_actor():
     assert table.expired(now + 1000) == []
 
 
-def test_the_lease_json_is_encoded_once_per_renewal_and_closes_a_node_object():
-    calls: list[float] = []
+def test_lease_fields_close_a_node_object_and_every_change_is_announced():
+    changed: list[str] = []
 
     def fmt(t: float) -> str:
-        calls.append(t)
         return f"t={t}"
 
     def node(table: LeaseTable) -> dict:
-        [fields] = table.leases_json(["a"], fmt)
+        [fields] = table.lease_fields(["a"], fmt)
         return orjson.loads(b'{"id":"a"' + fields)
 
     table = LeaseTable(ttl=30.0)
-    assert table.leases_json(["a"], fmt) == [None]
+    table.on_change = changed.append
+    assert table.lease_fields(["a"], fmt) == [None]
     table.grant("a", 100.0)
     assert node(table) == {"id": "a", "last_heartbeat": "t=100.0", "lease_deadline": 130.0}
-    assert node(table) == {"id": "a", "last_heartbeat": "t=100.0", "lease_deadline": 130.0}
-    assert calls == [100.0]
     table.renew("a", 110.25)
     assert node(table) == {"id": "a", "last_heartbeat": "t=110.25", "lease_deadline": 140.25}
-    assert calls == [100.0, 110.25]
     table.grant("a", 120.0, deadline=125.5)  # a granted deadline, not now + ttl
     assert node(table)["lease_deadline"] == 125.5
     table.grant("b", 121.0)
-    assert [f is not None for f in table.leases_json(["x", "b", "a", "y"], fmt)] == \
+    assert [f is not None for f in table.lease_fields(["x", "b", "a", "y"], fmt)] == \
         [False, True, True, False]
+    table.renew("ghost", 122.0)  # no lease: nothing changes
     table.drop("a")
-    assert table.leases_json(["a"], fmt) == [None]
+    table.drop("a")
+    assert table.lease_fields(["a"], fmt) == [None]
+    assert changed == ["a", "a", "a", "b", "a"]

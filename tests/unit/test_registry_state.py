@@ -25,6 +25,7 @@ from trustnet.registry.commands import (
     ReputationEntry,
     SetReputation,
 )
+from trustnet.registry.leases import LeaseTable
 from trustnet.registry.state import (
     _NODE_FIELDS,
     _NODE_SELECT,
@@ -33,6 +34,7 @@ from trustnet.registry.state import (
     NotARegistryDatabase,
     RegistryState,
     domain_id_for,
+    iso_utc,
 )
 
 T0 = 1_769_774_400.0  # 2026-01-30T12:00:00Z
@@ -298,10 +300,11 @@ def test_pagination_across_1000_nodes_with_domain_filter(state, log):
 
 def test_pages_take_ids_from_memory_and_read_only_uncached_rows_by_key(state, log):
     log.apply(reg("n1", "fd10::1"))
+    leases = LeaseTable(ttl=30.0)
     statements: list[str] = []
     state._conn.set_trace_callback(statements.append)
-    state.list_nodes(domain="alpha", limit=10, after="a")
-    state.list_nodes(limit=10, after="a")
+    state.list_nodes(domain="alpha", limit=10, after="a", leases=leases)
+    state.list_nodes(limit=10, after="a", leases=leases)
     state._conn.set_trace_callback(None)
 
     selects = [s for s in statements if "FROM nodes" in s and s.lstrip().startswith("SELECT")]
@@ -313,17 +316,25 @@ def test_pages_take_ids_from_memory_and_read_only_uncached_rows_by_key(state, lo
     assert "(id=?)" in plan, plan
 
 
-def _uncached_pages(state, domain=None):
+def _with_lease(row: dict, leases: LeaseTable) -> dict:
+    if leases.deadline(row["id"]) is not None:
+        row = {**row, "lease_deadline": leases.deadline(row["id"]),
+               "last_heartbeat": iso_utc(leases.last_renewal(row["id"]))}
+    return row
+
+
+def _uncached_pages(state, domain, leases):
     """Every node as a page would show it, read straight from the table."""
     rows = [dict(zip(_NODE_FIELDS, row)) for row in state._conn.execute(
         _NODE_SELECT + " ORDER BY n.id")]
-    return [r for r in rows if domain is None or r["domain"] == domain]
+    return [_with_lease(r, leases) for r in rows if domain is None or r["domain"] == domain]
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_pages_served_from_the_row_cache_always_match_the_table(state, log, seed):
     """Random writes of every kind (refused ones, a batch rolled back by a bug,
-    a snapshot restored) between page reads: a cached row is never stale."""
+    a snapshot restored) and lease changes (renewals, drops, a new lease
+    table) between page reads: a cached row is never stale."""
     import random
     rng = random.Random(seed)
     names = [f"n{i:02d}" for i in range(12)]
@@ -332,6 +343,17 @@ def test_pages_served_from_the_row_cache_always_match_the_table(state, log, seed
     other = RegistryState.open(":memory:")
     Log(other).batch([reg("x1", "fd10::99"), reg("n00", "fd10::98", domain="beta")])
     now = T0
+    leases = LeaseTable(ttl=60.0)
+
+    def change_leases():
+        nonlocal leases
+        for node in rng.sample(names, rng.randrange(0, 4)):
+            if rng.random() < 0.3:
+                leases.drop(node)
+            else:
+                leases.grant(node, now + rng.random())
+        if rng.random() < 0.03:  # a restarted actor, a new leader
+            leases = LeaseTable(ttl=60.0)
 
     def command():
         node = rng.choice(names)
@@ -367,20 +389,24 @@ def test_pages_served_from_the_row_cache_always_match_the_table(state, log, seed
             log.index -= 3
         else:
             log.batch([command() for _ in range(rng.randrange(1, 4))])
+        change_leases()
         for domain in (None, *domains):
             try:
                 ids, _ = _pages(state, domain=domain, limit=rng.choice([1, 3, 100]))
             except NotFound:  # the domain is gone with a restore
                 continue
-            cached = [state.get_node(i) for i in ids]  # (get_node reads the table)
+            # (get_node reads the table)
+            nodes = [_with_lease(state.get_node(i), leases) for i in ids]
             page_rows = []
             after = None
             while True:
-                page = state.list_nodes(domain=domain, limit=5, after=after)
+                page = state.list_nodes(domain=domain, limit=5, after=after, leases=leases)
                 page_rows += page["nodes"]
                 if (after := page["next"]) is None:
                     break
-            assert page_rows == _uncached_pages(state, domain) == cached, (seed, step)
+            assert page_rows == _uncached_pages(state, domain, leases) == nodes, (seed, step)
+            stored = state.list_nodes(domain=domain, limit=1000)["nodes"]
+            assert stored == _uncached_pages(state, domain, LeaseTable(ttl=1.0)), (seed, step)
     other.close()
 
 

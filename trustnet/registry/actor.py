@@ -337,7 +337,7 @@ class RegistryActor(Actor):
             case m.GetNode(node_id):
                 return self._fresh(self.state.get_node(node_id))
             case m.ListNodes(domain, limit, after, encoded):
-                page = self.state.node_page_json(domain, limit, after, self._leases_json)
+                page = self.state.node_page_json(domain, limit, after, self.leases)
                 return page if encoded else orjson.loads(page)
             case m.ListDomains():
                 return self.state.list_domains()
@@ -377,9 +377,9 @@ class RegistryActor(Actor):
 
     def _candidates(self, node_id: str, limit: int) -> list[dict]:
         me = self.state.get_node(node_id)
-        pool = self.state.list_nodes(me["domain"], 1000)["nodes"]
+        pool = self.state.list_nodes(me["domain"], 1000, leases=self.leases)["nodes"]
         if len(pool) <= limit:  # too few in the domain: look beyond it
-            pool += [n for n in self.state.list_nodes(None, 1000)["nodes"]
+            pool += [n for n in self.state.list_nodes(None, 1000, leases=self.leases)["nodes"]
                      if n["domain"] != me["domain"]]
         now = self.clock()
         # Live: a lease that has not run out (one past its deadline may not
@@ -395,9 +395,6 @@ class RegistryActor(Actor):
             node["last_heartbeat"] = iso_utc(self.leases.last_renewal(node["id"]))
         return node
 
-    def _leases_json(self, node_ids: list[str]) -> list[bytes | None]:
-        """_fresh's overlay for a page's rows, as JSON (see node_page_json)."""
-        return self.leases.leases_json(node_ids, iso_utc)
 
     async def _sweep_loop(self) -> None:
         while True:

@@ -10,6 +10,7 @@ them in one batch.
 from __future__ import annotations
 
 import math
+import sys
 from collections import defaultdict
 from typing import Callable
 
@@ -21,7 +22,9 @@ class LeaseTable:
         self.ttl = ttl
         self._deadline: dict[str, float] = {}
         self._last_renewal: dict[str, float] = {}
-        self._json: dict[str, bytes] = {}  # leases_json entries, until the next renewal
+        # Called with a node's id whenever its lease starts, changes or ends:
+        # the registry's cache of rows as pages show them hooks in here.
+        self.on_change: Callable[[str], None] | None = None
         self._buckets: defaultdict[int, set[str]] = defaultdict(set)
         self._dirty: set[str] = set()
 
@@ -37,19 +40,19 @@ class LeaseTable:
     def last_renewal(self, node_id: str) -> float | None:
         return self._last_renewal.get(node_id)
 
-    def leases_json(self, node_ids: list[str], fmt: Callable[[float], str]) -> list[bytes | None]:
+    def lease_fields(self, node_ids: list[str], fmt: Callable[[float], str]) -> list[bytes | None]:
         """Each node's lease as the closing fields of its JSON object,
         `,"last_heartbeat":fmt(last renewal),"lease_deadline":deadline}`, or
-        None without a lease. Encoded once per renewal rather than on every
-        read: a page of 100 nodes would otherwise format 100 timestamps."""
-        cached = self._json
-        out = [cached.get(node_id) for node_id in node_ids]
-        if None in out:
-            for i, node_id in enumerate(node_ids):
-                if out[i] is None and (deadline := self._deadline.get(node_id)) is not None:
-                    fields = {"last_heartbeat": fmt(self._last_renewal[node_id]),
-                              "lease_deadline": deadline}
-                    out[i] = cached[node_id] = b"," + orjson.dumps(fields)[1:]
+        None without a lease."""
+        out: list[bytes | None] = []
+        for node_id in node_ids:
+            deadline = self._deadline.get(node_id)
+            if deadline is None:
+                out.append(None)
+            else:
+                fields = {"last_heartbeat": fmt(self._last_renewal[node_id]),
+                          "lease_deadline": deadline}
+                out.append(b"," + orjson.dumps(fields)[1:])
         return out
 
     def grant(self, node_id: str, now: float, deadline: float | None = None) -> float:
@@ -59,9 +62,12 @@ class LeaseTable:
         old = self._deadline.get(node_id)
         if old is not None:
             self._bucket_of(old).discard(node_id)
+        else:  # a new key: interned, see NodeOrder.place
+            node_id = sys.intern(node_id)
         self._deadline[node_id] = deadline
         self._last_renewal[node_id] = now
-        self._json.pop(node_id, None)
+        if self.on_change is not None:
+            self.on_change(node_id)
         self._buckets[_slot(deadline)].add(node_id)
         self._dirty.add(node_id)
         return deadline
@@ -77,7 +83,8 @@ class LeaseTable:
         if old is not None:
             self._bucket_of(old).discard(node_id)
         self._last_renewal.pop(node_id, None)
-        self._json.pop(node_id, None)
+        if self.on_change is not None and old is not None:
+            self.on_change(node_id)
         self._dirty.discard(node_id)
 
     def expired(self, now: float) -> list[str]:

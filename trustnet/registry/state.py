@@ -49,6 +49,7 @@ from .commands import (
     RemovePeer,
     SetReputation,
 )
+from .leases import LeaseTable
 from .node_order import NodeOrder
 
 __all__ = [
@@ -113,7 +114,7 @@ FROM nodes AS n CROSS JOIN domains AS d ON d.id = n.domain_id
 _NODE_FIELDS = ("id", "domain", "ipv6", "port", "reputation", "registered_at", "public_key",
                 "last_heartbeat", "lease_deadline")
 _LEASE_FIELDS = 2
-# Node rows kept for pages, as JSON (~0.45 KB a node, so ~65 MB at most);
+# Node rows kept for pages, as JSON (~0.3 KB a node, so ~45 MB at most);
 # past this many the cache starts over.
 ROW_CACHE_LIMIT = 150_000
 
@@ -219,11 +220,13 @@ class RegistryState:
         self._lock = threading.RLock()
         self._keys: dict[str, str | None] = {}  # public_key_of's cache
         self._keys_touched: set[str] = set()  # names bound/released by the batch under way
-        # node id -> its _NODE_SELECT row as JSON, for pages (see
-        # _row_json): building a page's 100 rows from SQLite, then encoding
-        # them, was most of a domain query's own cost. Any write to a node
-        # row, by any statement, drops it (temp triggers, below).
-        self._rows: dict[str, tuple[bytes, bytes]] = {}
+        # node id -> its row's JSON as a page shows it, with its lease from
+        # _rows_leases (see _live_rows): reading a page's 100 rows from
+        # SQLite, then encoding them, was most of a domain query's own cost.
+        # Any write to a node row, by any statement, drops it (temp
+        # triggers, below); so does any change of its lease (on_change).
+        self._rows: dict[str, bytes] = {}
+        self._rows_leases: LeaseTable | None = None
         # domain name -> id, as pages found them: a committed domain is only
         # ever removed by a restore, which clears this.
         self._domain_ids: dict[str, str] = {}
@@ -555,25 +558,21 @@ class RegistryState:
         return node
 
     def list_nodes(self, domain: str | None = None, limit: int = 100,
-                   after: str | None = None) -> dict:
-        """One page of stored node rows in id order: {"nodes": [...], "next":
-        cursor or None}. Pass `next` back as `after` for the following page.
-        The same page as node_page_json, decoded."""
-        return orjson.loads(self.node_page_json(domain, limit, after))
+                   after: str | None = None, leases: LeaseTable | None = None) -> dict:
+        """One page of node rows in id order: {"nodes": [...], "next": cursor
+        or None}. Pass `next` back as `after` for the following page. The
+        same page as node_page_json, decoded."""
+        return orjson.loads(self.node_page_json(domain, limit, after, leases))
 
     @_serialized
     def node_page_json(self, domain: str | None = None, limit: int = 100,
-                       after: str | None = None,
-                       leases_json: Callable[[list[str]], list[bytes | None]] | None = None
-                       ) -> bytes:
-        """list_nodes's page as the JSON the HTTP API sends. `leases_json(ids)`
-        gives each node's live lease fields (the stored ones lag by a
-        checkpoint) as `,"last_heartbeat":..,"lease_deadline":..}`, or None
-        to keep the stored ones (LeaseTable.leases_json).
+                       after: str | None = None, leases: LeaseTable | None = None) -> bytes:
+        """list_nodes's page as the JSON the HTTP API sends, each node's
+        lease fields taken from `leases` where it holds the node's lease (the
+        stored ones lag by a checkpoint), else as stored.
 
-        Keyset pagination on an index: a page costs the same at node 100,000
-        as at node 1. An unknown domain raises NotFound (an empty domain gives
-        an empty page).
+        Keyset pagination: a page costs the same at node 100,000 as at node 1.
+        An unknown domain raises NotFound (an empty domain gives an empty page).
         """
         limit = _page_size(limit)
         domain_id = None
@@ -583,30 +582,45 @@ class RegistryState:
                 domain_id = self._domain_ids[domain] = self._domain_id(domain)
         if after is not None:
             after = _text(after, "after")
-        # The page's ids from the id order in memory, then their rows, from
-        # the row cache where it has them.
         ids = self._order.page(domain_id, after, limit + 1)
         more = len(ids) > limit
         del ids[limit:]
-        rows = self._cached_rows(ids)
-        if leases_json is None:
-            parts = [head + stored for head, stored in rows]
+        if leases is None:
+            rows = [head + stored for head, stored in self._read_rows(ids).values()]
         else:
-            parts = [head + (live or stored)
-                     for (head, stored), live in zip(rows, leases_json(ids))]
-        return b'{"nodes":[' + b",".join(parts) + b'],"next":' + orjson.dumps(
+            rows = self._live_rows(ids, leases)
+        return b'{"nodes":[' + b",".join(rows) + b'],"next":' + orjson.dumps(
             ids[-1] if more else None) + b"}"
 
-    def _cached_rows(self, ids: list[str]) -> list[tuple[bytes, bytes]]:
+    def _live_rows(self, ids: list[str], leases: LeaseTable) -> list[bytes]:
+        """The rows of `ids` as a page shows them with `leases`, from the row
+        cache where it has them."""
+        if leases is not self._rows_leases:  # another table: a restarted actor, a new leader
+            self._rows.clear()
+            self._rows_leases = leases
+            leases.on_change = self._forget_row  # each renewal drops the node's row
         rows = self._rows
-        missing = [node_id for node_id in ids if node_id not in rows]
-        if missing:
+        found = [rows.get(node_id) for node_id in ids]
+        if None in found:
+            missing = [node_id for node_id, row in zip(ids, found) if row is None]
             if len(rows) + len(missing) > ROW_CACHE_LIMIT:
                 rows.clear()
-            marks = ", ".join("?" * len(missing))
-            for row in self._conn.execute(_NODE_SELECT + f" WHERE n.id IN ({marks})", missing):
-                rows[row[0]] = _row_json(row)
-        return [rows[node_id] for node_id in ids]
+            stored = self._read_rows(missing)
+            for node_id, live in zip(missing, leases.lease_fields(missing, iso_utc)):
+                head, stored_lease = stored[node_id]
+                rows[node_id] = head + (live or stored_lease)
+            found = [rows[node_id] for node_id in ids]
+        return found
+
+    def _forget_row(self, node_id: str) -> None:
+        self._rows.pop(node_id, None)
+
+    def _read_rows(self, ids: list[str]) -> dict[str, tuple[bytes, bytes]]:
+        """id -> _row_json of its stored row, in the order of `ids`."""
+        marks = ", ".join("?" * len(ids))
+        found = {row[0]: _row_json(row) for row in
+                 self._conn.execute(_NODE_SELECT + f" WHERE n.id IN ({marks})", ids)}
+        return {node_id: found[node_id] for node_id in ids}
 
     def _take_changed_nodes(self) -> list[tuple[str, str | None]]:
         """(id, domain id or None if gone) of each node written since the
@@ -952,9 +966,8 @@ def _iso_second(second: int) -> str:
 
 def _row_json(row: tuple) -> tuple[bytes, bytes]:
     """A _NODE_SELECT row as two pieces of one JSON object: the head (no
-    closing brace) and the stored lease fields with the brace. A page swaps
-    the second for the live lease (LeaseTable.leases_json) without encoding
-    the row again."""
+    closing brace) and the stored lease fields with the brace, which a page
+    replaces by the live lease's (LeaseTable.lease_fields)."""
     cut = len(_NODE_FIELDS) - _LEASE_FIELDS
     head = orjson.dumps(dict(zip(_NODE_FIELDS[:cut], row[:cut])))[:-1]
     stored = orjson.dumps(dict(zip(_NODE_FIELDS[cut:], row[cut:])))
