@@ -380,6 +380,23 @@ async def test_restart_gives_every_lease_at_least_one_ttl_of_grace(
         assert len(expired_records(caplog)) == 9
 
 
+async def test_restart_shows_the_last_real_heartbeat_and_counts_none_late(
+        state, clock, autojump_clock):
+    async with running(state, clock) as reg:
+        await reg.register("n1", ipv6(1))
+        await trio.sleep(5)
+        await reg.ask(m.Heartbeat("n1"))
+        reg.stop()
+    clock.jump(1000)  # down for many heartbeat intervals
+    async with running(state, clock) as reg:
+        assert (await reg.ask(m.GetNode("n1")))["last_heartbeat"] == _iso(T0 + 5)
+        assert (await reg.ask(m.ListNodes()))["nodes"][0]["last_heartbeat"] == _iso(T0 + 5)
+        await trio.sleep(1)
+        await reg.ask(m.Heartbeat("n1"))  # on time: the gap was the registry's
+        breakdown = await reg.ask(m.ReputationOf("n1"))
+        assert breakdown["heartbeats"]["late"] == 0, breakdown
+
+
 async def test_restart_never_shortens_a_lease(state, clock, autojump_clock):
     async with running(state, clock, ttl=100) as reg:
         await reg.register("long", ipv6(1))  # deadline T0 + 100 on disk

@@ -80,6 +80,7 @@ class RegistryActor(Actor):
         self.raft: dict = {}  # last ClusterStatus of the local consensus (replicated mode)
         self.leader_term = 0  # the term this replica leads in; 0 when it does not
         self.leader_since = 0.0
+        self.up_since = 0.0  # when this instance loaded the leases (a lone registry)
         self.ttl = ttl
         self.heartbeat_interval = heartbeat_interval or ttl / 3
         self.gate = StatementGate()
@@ -101,11 +102,13 @@ class RegistryActor(Actor):
             self.nursery.start_soon(self._checkpoint_loop)
             log.info("registry replica started", extra={"applied_index": self.state.applied_index})
             return
-        now = self.clock()
+        now = self.up_since = self.clock()
         # Nodes could not heartbeat while the registry was down: every lease
-        # gets at least one full TTL from now before it can expire.
-        for node_id, (deadline, _) in self.state.lease_table().items():
-            self.leases.grant(node_id, now, max(deadline or 0.0, now + self.ttl))
+        # gets at least one full TTL from now before it can expire. The last
+        # heartbeat shown stays the one the node really sent.
+        for node_id, (deadline, last) in self.state.lease_table().items():
+            self.leases.grant(node_id, last if last is not None else now,
+                              max(deadline or 0.0, now + self.ttl))
         self.leases.take_dirty()
         self.nursery.start_soon(self._sweep_loop)
         self.nursery.start_soon(self._checkpoint_loop)
@@ -367,6 +370,8 @@ class RegistryActor(Actor):
                                {"node_id": node_id})
             self.expire_due()
         last = self.leases.last_renewal(node_id)
+        if last is not None:  # the registry's own downtime makes no heartbeat late
+            last = max(last, self.up_since, self.leader_since)
         deadline = self.leases.renew(node_id, now)
         if deadline is not None:
             self.reputation.heartbeat(node_id, now, last)
