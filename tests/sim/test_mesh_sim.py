@@ -18,7 +18,7 @@ from trustnet.addressing import ula_for
 from trustnet.identity import IdentityError, NodeIdentity, ReplayGuard
 from trustnet.node.context import NodeContext, NodeParams
 from trustnet.node.mesh import MeshActor
-from trustnet.node.messages import Broadcast, GetInbox
+from trustnet.node.messages import Broadcast
 from trustnet.node.tree import run_node
 from trustnet.registry.messages import GetNode
 from trustnet.registry.node_protocol import (
@@ -213,7 +213,7 @@ async def test_fifty_nodes_form_a_mesh_and_heal(seeded, autojump_clock):
     async with trio.open_nursery() as nursery:
         await cluster.start(nursery)
         alive = list(cluster.names)
-        took = await settle(cluster, alive, limit=120)
+        await settle(cluster, alive, limit=120)
         for name in alive:
             assert 1 <= len(cluster.mesh(name).links) <= cluster.max_connections
         await broadcast_reaches_all(cluster, "n00", alive)

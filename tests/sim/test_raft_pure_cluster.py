@@ -35,7 +35,6 @@ from trustnet.consensus.core import (
     RaftCore,
     Ready,
     Snapshot,
-    decode_conf_change,
 )
 from trustnet.consensus.messages import AppendEntries, AppendResponse, VoteRequest, VoteResponse
 
@@ -199,7 +198,6 @@ class Cluster:
 
     def persist(self, node: Node, rd: Ready) -> None:
         disk = node.disk
-        core = node.core
         before = disk.hard_state
         disk.apply(rd)
         hs = disk.hard_state

@@ -400,7 +400,6 @@ class RegistryActor(Actor):
             node["last_heartbeat"] = iso_utc(self.leases.last_renewal(node["id"]))
         return node
 
-
     async def _sweep_loop(self) -> None:
         while True:
             await trio.sleep(self.sweep_interval)

@@ -102,8 +102,8 @@ CREATE TABLE peers (
 CREATE INDEX peers_node_b ON peers(node_b);
 """
 
-# CROSS JOIN pins nodes as the outer loop, so pages walk an index in id
-# order instead of sorting a whole domain.
+# CROSS JOIN pins nodes as the outer loop: rows are found by their id (the
+# primary key), then each one's domain.
 _NODE_SELECT = """
 SELECT n.id, d.name AS domain, n.ipv6_addr AS ipv6, n.port, n.reputation,
        n.registered_at, n.public_key, n.last_heartbeat, n.lease_deadline
