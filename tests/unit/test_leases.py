@@ -265,3 +265,14 @@ def test_lease_fields_close_a_node_object_and_every_change_is_announced():
     table.drop("a")
     assert table.lease_fields(["a"], fmt) == [None]
     assert changed == ["a", "a", "a", "b", "a"]
+
+
+def test_a_lease_already_stored_is_not_dirty():
+    table = LeaseTable(ttl=30.0)
+    table.grant("a", 100.0, stored=True)  # a registration wrote it
+    assert table.take_dirty() == []
+    table.renew("a", 110.0)
+    table.grant("a", 120.0, 150.0, stored=True)  # registered again after a renewal
+    assert table.take_dirty() == []
+    table.renew("a", 130.0)
+    assert table.take_dirty() == [("a", 160.0, 130.0)]

@@ -287,7 +287,9 @@ class RegistryActor(Actor):
             created = cmd.node_id not in existed
             existed.add(cmd.node_id)
             if self.consensus is None or self.leader_term:
-                self.leases.grant(cmd.node_id, now, cmd.lease_deadline)
+                # The command stored this very lease (at, lease_deadline): no
+                # checkpoint needs to write it again.
+                self.leases.grant(cmd.node_id, cmd.at, cmd.lease_deadline, stored=True)
             log.info("node registered" if created else "node updated",
                      extra={"node_id": cmd.node_id, "ipv6_addr": result["ipv6"]})
             return {"created": created, "node": self._fresh(result),

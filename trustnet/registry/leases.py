@@ -55,8 +55,11 @@ class LeaseTable:
                 out.append(b"," + orjson.dumps(fields)[1:])
         return out
 
-    def grant(self, node_id: str, now: float, deadline: float | None = None) -> float:
-        """Start or renew a lease; returns its deadline (now + ttl by default)."""
+    def grant(self, node_id: str, now: float, deadline: float | None = None, *,
+              stored: bool = False) -> float:
+        """Start or renew a lease; returns its deadline (now + ttl by default).
+        stored=True: the node's row already holds this lease (a registration
+        just wrote it), so there is nothing to checkpoint."""
         if deadline is None:
             deadline = now + self.ttl
         old = self._deadline.get(node_id)
@@ -69,7 +72,10 @@ class LeaseTable:
         if self.on_change is not None:
             self.on_change(node_id)
         self._buckets[_slot(deadline)].add(node_id)
-        self._dirty.add(node_id)
+        if stored:
+            self._dirty.discard(node_id)
+        else:
+            self._dirty.add(node_id)
         return deadline
 
     def renew(self, node_id: str, now: float) -> float | None:
