@@ -51,3 +51,8 @@ def test_random_moves_match_a_sorted_model(seed):
                               if (d is None or nd == d) and (after is None or n > after))
             assert order.page(d, after, count) == expected[:count]
     assert len(order) == len(model)
+    # built at once from the rows, it pages the same
+    built = NodeOrder(list(model.items()))
+    for d in (None, "d1", "d2", "d3"):
+        for after in (None, *names[::7]):
+            assert built.page(d, after, 1000) == order.page(d, after, 1000)

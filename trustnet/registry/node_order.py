@@ -19,12 +19,15 @@ from sortedcontainers import SortedList
 
 class NodeOrder:
     def __init__(self, rows: Iterable[tuple[str, str]] = ()):
-        """`rows`: (node id, domain id) of every node."""
-        self._domain_of: dict[str, str] = {}
-        self._all = SortedList()
-        self._by_domain: dict[str, SortedList] = {}
-        for node_id, domain_id in rows:
-            self.place(node_id, domain_id)
+        """`rows`: (node id, domain id) of every node, each id once."""
+        # Interned, see place(); the lists are sorted once, not id by id.
+        self._domain_of = {sys.intern(node_id): sys.intern(domain_id)
+                           for node_id, domain_id in rows}
+        self._all = SortedList(self._domain_of)
+        members: dict[str, list[str]] = {}
+        for node_id, domain_id in self._domain_of.items():
+            members.setdefault(domain_id, []).append(node_id)
+        self._by_domain = {domain_id: SortedList(ids) for domain_id, ids in members.items()}
 
     def __len__(self) -> int:
         return len(self._all)
