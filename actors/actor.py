@@ -295,10 +295,11 @@ class Actor:
     Answering in the caller's task: an ask of a type listed in `inline` that
     finds the actor idle (waiting for a letter, none on its way) is answered
     by `answer_now` at once, instead of going through the mailbox: in the
-    asking task, or for a remote ask in the task reading its link. It is the same as a letter taken and answered right
-    then: letters are handled one at a time and in order either way. What it
-    saves is two task switches, which under load in a Trio HTTP server cost
-    far more than the handler (~0.2 ms a request here, see bench/README).
+    asking task, or for a remote ask in the task reading its link. It is the
+    same as a letter taken and answered right then: letters are handled one
+    at a time and in order either way. What it saves is two task switches,
+    which under load in a Trio HTTP server cost far more than the handler
+    (~0.2 ms a request here, see bench/README).
     `answer_now` must not await; it raises UseMailbox to decline a message.
     An exception other than Refused crashes the actor as it would in its
     own task.

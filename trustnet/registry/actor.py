@@ -396,10 +396,7 @@ class RegistryActor(Actor):
 
     def _fresh(self, node: dict) -> dict:
         """A stored node row with its live lease (the disk copy lags by a checkpoint)."""
-        deadline = self.leases.deadline(node["id"])
-        if deadline is not None:
-            node["lease_deadline"] = deadline
-            node["last_heartbeat"] = iso_utc(self.leases.last_renewal(node["id"]))
+        node.update(self.leases.live_fields(node["id"], iso_utc) or {})
         return node
 
     async def _sweep_loop(self) -> None:
@@ -440,14 +437,10 @@ class RegistryActor(Actor):
         # anyway (on_start), and a score is a running estimate.
         scores = self.reputation.take_dirty()
         for i in range(0, len(scores), CHECKPOINT_CHUNK):
-            entries = tuple(ReputationEntry(node_id=n, reputation=r)
-                            for n, r in scores[i:i + CHECKPOINT_CHUNK])
-            await self._apply_soft([SetReputation(entries=entries)], pace)
+            await self._apply_soft([_set_scores(scores[i:i + CHECKPOINT_CHUNK])], pace)
         dirty = self.leases.take_dirty()
         for i in range(0, len(dirty), CHECKPOINT_CHUNK):
-            entries = tuple(LeaseEntry(node_id=n, deadline=d, last_heartbeat=h)
-                            for n, d, h in dirty[i:i + CHECKPOINT_CHUNK])
-            await self._apply_soft([CheckpointLeases(entries=entries)], pace)
+            await self._apply_soft([_checkpoint_leases(dirty[i:i + CHECKPOINT_CHUNK])], pace)
 
     async def _apply_soft(self, commands: list[Any], pace: bool) -> None:
         """Apply without fsync; `pace`: then rest as long as that took, so a
@@ -683,14 +676,11 @@ class RegistryActor(Actor):
         try:
             scores = self.reputation.take_dirty()
             if scores:
-                await self._propose_local(SetReputation(entries=tuple(
-                    ReputationEntry(node_id=n, reputation=r) for n, r in scores)))
+                await self._propose_local(_set_scores(scores))
             dirty = self.leases.take_dirty()
             for i in range(0, len(dirty), CHECKPOINT_CHUNK):
-                chunk = dirty[i:i + CHECKPOINT_CHUNK]
                 try:
-                    await self._propose_local(CheckpointLeases(entries=tuple(
-                        LeaseEntry(node_id=n, deadline=d, last_heartbeat=h) for n, d, h in chunk)))
+                    await self._propose_local(_checkpoint_leases(dirty[i:i + CHECKPOINT_CHUNK]))
                 except BaseException:
                     for n, _, _ in dirty[i:]:  # retried at the next checkpoint
                         if n in self.leases:
@@ -698,6 +688,18 @@ class RegistryActor(Actor):
                     raise
         except (Refused, ActorError) as exc:
             log.warning("lease checkpoint not committed", extra={"error": str(exc)})
+
+
+def _set_scores(scores: list[tuple[str, float]]) -> SetReputation:
+    """The command that stores changed scores (a checkpoint's, either mode)."""
+    return SetReputation(entries=tuple(ReputationEntry(node_id=n, reputation=r)
+                                       for n, r in scores))
+
+
+def _checkpoint_leases(dirty: list[tuple[str, float, float]]) -> CheckpointLeases:
+    """The command that stores renewed leases (LeaseTable.take_dirty's entries)."""
+    return CheckpointLeases(entries=tuple(LeaseEntry(node_id=n, deadline=d, last_heartbeat=h)
+                                          for n, d, h in dirty))
 
 
 CONSENSUS_CODES = frozenset({"no_leader", "not_leader", "not_committed", "commit_unknown"})

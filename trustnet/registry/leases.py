@@ -40,20 +40,20 @@ class LeaseTable:
     def last_renewal(self, node_id: str) -> float | None:
         return self._last_renewal.get(node_id)
 
+    def live_fields(self, node_id: str, fmt: Callable[[float], str]) -> dict | None:
+        """The node's lease as the fields of its row it overrides (the stored
+        ones lag by a checkpoint): {"last_heartbeat": fmt(last renewal),
+        "lease_deadline": deadline}, or None without a lease."""
+        deadline = self._deadline.get(node_id)
+        if deadline is None:
+            return None
+        return {"last_heartbeat": fmt(self._last_renewal[node_id]), "lease_deadline": deadline}
+
     def lease_fields(self, node_ids: list[str], fmt: Callable[[float], str]) -> list[bytes | None]:
-        """Each node's lease as the closing fields of its JSON object,
-        `,"last_heartbeat":fmt(last renewal),"lease_deadline":deadline}`, or
-        None without a lease."""
-        out: list[bytes | None] = []
-        for node_id in node_ids:
-            deadline = self._deadline.get(node_id)
-            if deadline is None:
-                out.append(None)
-            else:
-                fields = {"last_heartbeat": fmt(self._last_renewal[node_id]),
-                          "lease_deadline": deadline}
-                out.append(b"," + orjson.dumps(fields)[1:])
-        return out
+        """live_fields of each node as the closing fields of its JSON object,
+        `,"last_heartbeat":..,"lease_deadline":..}`, or None without a lease."""
+        return [None if (fields := self.live_fields(node_id, fmt)) is None
+                else b"," + orjson.dumps(fields)[1:] for node_id in node_ids]
 
     def grant(self, node_id: str, now: float, deadline: float | None = None, *,
               stored: bool = False) -> float:
