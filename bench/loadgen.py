@@ -19,6 +19,11 @@ Workloads (plain dicts, so they cross process boundaries):
     {"kind": "preload", "start": a, "stop": b, "domain": "bench"}
         POST /nodes for nodes a..b-1 exactly once each (count mode, Python only)
 
+Any workload may add "think_ms": T. Each connection then waits a random time
+(exponential, mean T ms) between a response and its next request, as clients
+that are not synchronized do, so the load is below saturation and latency is
+not dominated by the benchmark's own queue. Latency counts from the send.
+
 Preloaded nodes are "n%07d" (sorted like their numbers, so an `after`
 cursor picks a page) at fd10:1234::<i>.
 """
@@ -26,6 +31,7 @@ cursor picks a page) at fd10:1234::<i>.
 from __future__ import annotations
 
 import array
+import heapq
 import math
 import multiprocessing
 import os
@@ -111,19 +117,29 @@ def _lua_string(s: str) -> str:
 
 
 def _lua_for(work: dict, seed: int) -> str:
-    kind = work["kind"]
     head = _LUA_COMMON.replace("SEED", str(seed))
+    if work.get("think_ms"):
+        # wrk waits delay() ms before a connection's next request; its latency
+        # clock starts when the request is written, so the wait is not counted.
+        head += ("function delay()\n"
+                 f"  return math.floor(-{float(work['think_ms'])} * math.log(1 - math.random()) + 0.5)\n"
+                 "end\n")
+    return head + _lua_requests(work)
+
+
+def _lua_requests(work: dict) -> str:
+    kind = work["kind"]
     json_headers = '{["Content-Type"] = "application/json"}'
     if kind == "static":
         body = "nil" if work.get("body") is None else _lua_string(work["body"])
-        return head + (
+        return (
             f"local req = nil\n"
             f"function request()\n"
             f"  if req == nil then req = wrk.format({_lua_string(work['method'])}, "
             f"{_lua_string(work['path'])}, {json_headers if work.get('body') else 'nil'}, {body}) end\n"
             f"  return req\nend\n")
     if kind == "register":
-        return head + (
+        return (
             "function request()\n"
             "  counter = counter + 1\n"
             "  local body = string.format('{\"id\":\"%s-%d-%d\",\"ipv6\":\"fd10:1234:%x:%x::%x:%x\","
@@ -133,14 +149,14 @@ def _lua_for(work: dict, seed: int) -> str:
             f"  return wrk.format(\"POST\", \"/nodes\", {json_headers}, body)\n"
             "end\n")
     if kind == "heartbeat":
-        return head + (
+        return (
             "function request()\n"
             f"  local path = string.format('/nodes/n%07d/heartbeat', math.random(0, {int(work['nodes']) - 1}))\n"
             "  return wrk.format(\"POST\", path)\n"
             "end\n")
     if kind == "query":
         top = max(0, int(work["nodes"]) - int(work["limit"]) - 1)
-        return head + (
+        return (
             "function request()\n"
             f"  local path = string.format('/nodes?domain=%s&limit=%d&after=n%07d', "
             f"{_lua_string(work['domain'])}, {int(work['limit'])}, math.random(0, {top}))\n"
@@ -289,6 +305,8 @@ def _py_worker(job: dict) -> dict:
         c.sent = time.perf_counter_ns()
         s.sendall(req)
         active += 1
+    think = work.get("think_ms", 0) / 1000
+    waiting: list[tuple[float, int, _Conn, bytes]] = []  # (due, tiebreak, conn, request)
     started = time.perf_counter()
     last = started
     hard_stop = (deadline or float("inf")) + 15.0
@@ -297,7 +315,12 @@ def _py_worker(job: dict) -> dict:
         if now > hard_stop:
             errors += active  # responses that never came
             break
-        for key, _ in sel.select(timeout=1.0):
+        while waiting and waiting[0][0] <= now:
+            _, _, c, req = heapq.heappop(waiting)
+            c.sent = time.perf_counter_ns()
+            c.sock.sendall(req)
+        timeout = min(1.0, max(0.0, waiting[0][0] - now)) if waiting else 1.0
+        for key, _ in sel.select(timeout=timeout):
             c: _Conn = key.data
             try:
                 chunk = c.sock.recv(262144)
@@ -326,6 +349,9 @@ def _py_worker(job: dict) -> dict:
                 sel.unregister(c.sock)
                 c.sock.close()
                 active -= 1
+                continue
+            if think:
+                heapq.heappush(waiting, (last + rnd.expovariate(1 / think), id(c), c, req))
                 continue
             c.sent = time.perf_counter_ns()
             c.sock.sendall(req)
