@@ -4,6 +4,7 @@ RegistryActor over SQLite behind it."""
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import logging
 from typing import Any
 
@@ -434,6 +435,8 @@ BAD_REQUESTS = [
     ("DELETE", "/peers", b"nope", 400, "malformed_json"),
     ("GET", "/no/such/route", None, 404, "not_found"),
     ("POST", "/nodes/n1/heartbeat/extra", None, 404, "not_found"),
+    ("GET", "/nodes//reputation", None, 404, "not_found"),  # not /nodes/reputation
+    ("POST", "/nodes//heartbeat", None, 404, "not_found"),
     ("PUT", "/nodes", reg_body(), 405, "method_not_allowed"),
     ("PATCH", "/nodes/n1", {}, 405, "method_not_allowed"),
     ("GET", "/nodes/n1/heartbeat", None, 405, "method_not_allowed"),
@@ -652,3 +655,118 @@ async def test_request_id_and_request_log(client, caplog):
     assert record.duration_ms >= 0
     other = await client.get("/health")
     assert len(other.headers["X-Request-Id"]) == 16
+
+
+# ------------------------------------------------------------------ fuzz
+
+_ODD_VALUES: list[Any] = [
+    None, True, False, 0, -1, 1.5, 2**70, -(2**63), float("1e308"), "", " ", "x" * 300,
+    "nöde", "\u0000", "\ud7ff", "fd10:1234::1", "::1", "10.0.0.1", "fd10:1234::1%eth0",
+    "fd10:1234::/64", "9000", [], {}, [1, 2], {"a": 1}, "ws://[::1]:1", "a" * 64, "-x", "x-",
+]
+_ODD_SEGMENTS = ["n1", "%00", "%2F", "..", "%E2%82%AC", "a" * 65, "%FF", "n1%20", "N1",
+                 "x" * 2000, "%25", "n1;x", "%0d%0a", ""]
+_ODD_QUERIES = [
+    "domain=alpha", "limit=1", "limit=1&limit=2", "after=n1", "after=", "domain=%00",
+    "consistency=stale", "consistency=linear", "limit=0x10", "limit=%201", "limit=1e3",
+    "node=n1", "node=n1&node=n2", "x", "=", "&&", "domain=alpha&after=zz&limit=1000",
+    "limit=99999999999999999999999", "%ZZ=1", "domain=" + "d" * 200,
+]
+_CONTENT_TYPES = [None, "application/json", "text/plain", FORM, "application/json; charset=latin-1",
+                  "multipart/form-data; boundary=x", "application/json; charset=utf-16",
+                  "application/octet-stream", "*/*"]
+
+
+def _fuzz_request(rng) -> tuple[str, str, bytes | None, dict]:
+    """A request made from a valid one by a few random mutations."""
+    node = rng.choice(["n1", "n2", "n3", "ghost"])
+    kind = rng.randrange(9)
+    body: Any = None
+    if kind == 0:
+        method, path = "POST", "/nodes"
+        body = {"id": node, "ipv6": ip(rng.randrange(1, 6))}
+        for key in ("port", "domain", "public_key"):
+            if rng.random() < 0.3:
+                body[key] = rng.choice([7000, "alpha", "beta", None])
+    elif kind == 1:
+        method, path = "POST", f"/nodes/{node}/heartbeat"
+    elif kind == 2:
+        method, path = rng.choice(["GET", "DELETE"]), f"/nodes/{node}"
+    elif kind == 3:
+        method, path = "GET", "/nodes?" + rng.choice(_ODD_QUERIES)
+    elif kind == 4:
+        method, path = rng.choice(["GET", "POST"]), "/domains"
+        body = {"name": rng.choice(["alpha", "beta", "gamma"])} if method == "POST" else None
+    elif kind == 5:
+        method = rng.choice(["GET", "POST", "DELETE"])
+        path = "/peers" + ("?" + rng.choice(_ODD_QUERIES) if method == "GET" else "")
+        body = None if method == "GET" else {"node_a": node, "node_b": rng.choice(["n1", "n2"])}
+    elif kind == 6:
+        method, path = "GET", f"/nodes/{node}/reputation"
+    elif kind == 7:
+        method = rng.choice(["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+        path = rng.choice(["/health", "/version", "/nodes", "/peers", "/domains", "/cluster"])
+    else:
+        method = rng.choice(["GET", "POST", "DELETE"])
+        path = "/nodes/" + rng.choice(_ODD_SEGMENTS) + rng.choice(["", "/heartbeat", "/reputation"])
+    if isinstance(body, dict):
+        for _ in range(rng.randrange(3)):
+            if not isinstance(body, dict):
+                break
+            op = rng.randrange(4)
+            if op == 0 and body:
+                body.pop(rng.choice(sorted(body)))
+            elif op == 1 and body:
+                body[rng.choice(sorted(body))] = rng.choice(_ODD_VALUES)
+            elif op == 2:
+                body[rng.choice(["extra", "ID", "ipv6 ", "node_a", "name"])] = rng.choice(_ODD_VALUES)
+            else:
+                body = rng.choice([body, [body], _ODD_VALUES[rng.randrange(len(_ODD_VALUES))]])
+    data = None if body is None and rng.random() < 0.8 else json.dumps(
+        body, ensure_ascii=rng.random() < 0.5).encode()  # json: ints past 64 bits too
+    if data is not None and rng.random() < 0.3:  # damage the bytes themselves
+        at = rng.randrange(len(data) + 1)
+        data = rng.choice([data[:at], data[:at] + bytes([rng.randrange(256)]) + data[at:],
+                           data[:at] + b"\xc3\x28" + data[at:], b"\xef\xbb\xbf" + data])
+    headers = {}
+    if (ctype := rng.choice(_CONTENT_TYPES)) is not None:
+        headers["Content-Type"] = ctype
+    if rng.random() < 0.5:
+        headers["Authorization"] = rng.choice([f"Bearer {KEY}", "Bearer nope", "Basic xyz",
+                                              "Bearer", f"bearer {KEY}", f"Bearer {KEY} ", ""])
+    if rng.random() < 0.1:
+        headers["X-Request-Id"] = rng.choice(["r" * 300, "\u00e9", "ok-1", ""])
+    return method, path, data, headers
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_random_requests_get_json_answers_and_refusals_change_nothing(env, seed):
+    """Seeded random mutations of valid requests (fields, types, bytes,
+    paths, queries, headers, API key): every answer is JSON, none is a
+    5xx, every error has the error shape, and a refused request leaves the
+    stored state exactly as it was."""
+    import random
+
+    rng = random.Random(seed)
+    client = env.client(api_key=KEY if seed % 2 else None)
+    statuses: dict[int, int] = {}
+    for _ in range(250):
+        method, path, data, headers = _fuzz_request(rng)
+        before = env.state.state_hash()
+        if method == "OPTIONS":  # Quart's own answer: the allowed methods, no body
+            response = await client.open(path, method=method, headers=headers)
+            assert response.status_code == 200 and response.headers.get("Allow")
+            assert await response.get_data() == b""
+            continue
+        got, payload, response = await call(client, method, path, raw=data, headers=headers)
+        statuses[got] = statuses.get(got, 0) + 1
+        assert got < 500, (method, path, data, headers, payload)
+        if got >= 400:
+            assert_error(got, payload, got)
+            assert env.state.state_hash() == before, (method, path, data, headers, payload)
+    # Both outcomes happen, so the fuzz reaches the code behind validation.
+    assert any(200 <= s < 300 for s in statuses) and any(400 <= s < 500 for s in statuses)
+    status, page, _ = await call(client, "GET", "/nodes?limit=1000")
+    assert status == 200 and page["next"] is None
+    for node in page["nodes"]:
+        assert (await call(client, "GET", f"/nodes/{node['id']}"))[1] == node

@@ -49,6 +49,7 @@ class _BadRequest(Exception):
 def create_app(mesh: Ref, heartbeat: Ref, node_id: str, *, ask_timeout: float = 10.0) -> QuartTrio:
     app = QuartTrio("trustnet.node")
     app.config["MAX_CONTENT_LENGTH"] = MAX_BODY
+    app.url_map.merge_slashes = False  # a 404, not an HTML redirect elsewhere
 
     async def payload() -> str:
         data = await request.get_data()

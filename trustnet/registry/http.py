@@ -54,6 +54,9 @@ def create_app(registry: Ref, *, api_key: str | None = None, max_body_bytes: int
     `?consistency=stale`, and carry X-Raft-Index / X-Raft-Term."""
     app = QuartTrio("trustnet.registry")
     app.config["MAX_CONTENT_LENGTH"] = max_body_bytes
+    # No redirect of /nodes//heartbeat to /nodes/heartbeat: an empty id
+    # would become the node named "heartbeat". An empty segment is a 404.
+    app.url_map.merge_slashes = False
     key = api_key.encode() if api_key else None
 
     async def ask(msg: Any) -> Any:
