@@ -1027,3 +1027,78 @@ print("ok")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                           timeout=60, check=False)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+# ------------------------------------------------------------------ fuzz
+
+_ODD = [None, True, 0, -1, 2**64 - 1, -(2**63), 1.5, 1e308, "", "x" * 500, "fd10:1234::1", "10.0.0.1", [], {},
+        ["fd10:1234::1"], {"peer": "n1"}, "open", "closed", "n1", "nöde", "\u0000", 65536]
+
+
+def _mutated_statement(rng: random.Random, nodes: list[Node]) -> Any:
+    """A node-protocol message built from a valid one by random damage: odd
+    body values (signed, so they reach the code behind the signature check),
+    wrong names or purposes, a foreign signer, or damaged text."""
+    node = rng.choice(nodes)
+    kind = rng.randrange(6)
+    if kind == 5:
+        return Candidates(rng.choice(["n1", "n2", "ghost", "", "x" * 100]),
+                          rng.choice([0, 1, 20, -5, 10**6]))
+    purpose, body, wrap = [
+        ("register", {"ipv6": node.ipv6, "port": node.port, "domain": node.domain,
+                      "public_key": node.identity.public_key}, SignedRegister),
+        ("heartbeat", {}, SignedHeartbeat),
+        ("session", {"share": session_share()[1]}, OpenSession),
+        ("link", {"peer": rng.choice(["n1", "n2", "n3"]), "state": "open"}, LinkReport),
+        ("link", {"peer": "n2", "state": "closed", "rtt_ms": 3.5}, LinkReport),
+    ][kind]
+    for _ in range(rng.randrange(3)):
+        op = rng.randrange(3)
+        if op == 0 and body:
+            body.pop(rng.choice(sorted(body)))
+        elif op == 1 and body:
+            body[rng.choice(sorted(body))] = rng.choice(_ODD)
+        else:
+            body[rng.choice(["extra", "ipv6", "peer", "share", "state"])] = rng.choice(_ODD)
+    text = node.statement(rng.choice([purpose] * 4 + ["register", "link", "x"]), body,
+                          node_id=rng.choice([None, None, None, "n2", "ghost", "bad id"]),
+                          ts_offset=rng.choice([0.0, 0.0, 0.0, -3600.0, 3600.0]),
+                          signer=rng.choice([None] * 5 + [NodeIdentity.generate()]))
+    if rng.random() < 0.2:  # damage the text itself
+        at = rng.randrange(len(text) + 1)
+        text = rng.choice([text[:at], text[:at] + rng.choice("{}[]\",:x\\") + text[at:],
+                           text.replace('"', "'", 1), orjson.dumps(rng.choice(_ODD)).decode(),
+                           text.replace('"body":{', '"body":{"n":1' + "0" * 30 + ",", 1)])
+    return wrap(text)
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_random_node_protocol_messages_are_answered_or_refused(env, seed):
+    """Whatever a node sends, the actor answers it or refuses it with a
+    Refused (a clear error for the node); it never crashes on it (a crash
+    fails the ask with another error, and the test's nursery), and session
+    heartbeats with odd counters and MACs do the same."""
+    rng = random.Random(seed)
+    nodes = [await env.registered(f"n{i}", i) for i in (1, 2, 3)]
+    session = await nodes[0].session(env)
+    refusals: set[str] = set()
+    answered = 0
+    for _ in range(150):
+        if rng.random() < 0.15:
+            msg: Any = SessionHeartbeat(
+                rng.choice([session.id, "", "nope", "x" * 300]),
+                rng.choice([session.counter + 1, 0, -1, 2**70, session.counter]),
+                rng.choice([session.next().mac, "", "zz", "0" * 64]))
+        else:
+            msg = _mutated_statement(rng, nodes)
+        try:
+            await env.ask(msg)
+            answered += 1
+        except Refused as refusal:
+            refusals.add(refusal.code)
+    assert answered and refusals, (answered, refusals)
+    # Still serving, and what it stored is readable.
+    status, body = await call(env.client(), "GET", "/nodes?limit=1000")
+    assert status == 200
+    for node in body["nodes"]:
+        assert (await call(env.client(), "GET", f"/nodes/{node['id']}"))[1] == node
