@@ -445,6 +445,12 @@ def read_yaml(path: str | os.PathLike[str]) -> Any:
         raise ConfigError(source, None, f"{where}invalid YAML: {problem}") from None
     except yaml.YAMLError as exc:
         raise ConfigError(source, None, f"invalid YAML: {exc}") from None
+    except Exception as exc:  # noqa: BLE001
+        # A tagged scalar PyYAML cannot convert (`!!float x`, `!!bool x`,
+        # `!!timestamp x`) escapes as a plain ValueError, KeyError,
+        # AttributeError..., without a position.
+        raise ConfigError(source, None, "invalid YAML: a tagged value it cannot convert "
+                          f"({type(exc).__name__}: {exc})") from None
 
 
 def _field(cls: type, dotted: str) -> attrs.Attribute:

@@ -78,6 +78,15 @@ def test_registry_bad_config_exits_2_with_one_line(tmp_path, capsys):
     assert captured.err == f"config error: {bad}: listen.port: must be an integer 0..65535, got 'abc'\n"
 
 
+def test_node_config_with_an_unconvertible_tagged_value_exits_2(tmp_path, capsys):
+    bad = tmp_path / "node.yaml"
+    bad.write_text("node:\n  id: n1\n  listen_port: !!int nine\n")
+    assert run_main(["node", "--config", str(bad)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.startswith(f"config error: {bad}: invalid YAML: a tagged value")
+    assert captured.err.count("\n") == 1
+
+
 def test_registry_missing_config_exits_2(tmp_path, capsys):
     assert run_main(["registry", "--config", str(tmp_path / "missing.yaml")]) == 2
     assert capsys.readouterr().err.startswith("config error: ")
