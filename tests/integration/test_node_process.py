@@ -24,6 +24,7 @@ import trio
 import trio_websocket
 
 from actors.ws import hello_frame
+from http_wire import late_body_then_next
 from node_process import NodeProcess, addresses_on_lo, loopback_addresses, root_reason
 from registry_process import RegistryProcess, run_trustnet
 
@@ -373,6 +374,26 @@ async def test_a_garbage_frame_closes_only_that_connection(cluster):
     status, body = await cluster.get(n1.api_url + "/health")
     assert status == 200 and body["status"] == "ok"
     assert n1.returncode is None
+
+
+async def test_the_node_api_answers_bad_requests_and_keeps_the_connection(cluster):
+    """A request answered before its body arrived (a bad node id in the
+    path) leaves its keep-alive connection usable: the late body is read and
+    the next request answered (it hung before). Query numbers are plain
+    ASCII digits."""
+    (n1,) = await cluster.start(1)
+    port = int(n1.api_url.rsplit(":", 1)[1])
+    body = orjson.dumps({"payload": "x" * 100})
+    (status, _, payload), after = await late_body_then_next(port, "POST", "/send/..", body,
+                                                            "/version")
+    assert status == 400 and orjson.loads(payload)["error"]["code"] == "invalid_value"
+    if after is not None:  # else the node closed the connection
+        assert after[0] == 200, after
+    for query in ("since=1_0", "since=%D9%A1", "limit=%201", "since=-1", "limit=0", "x=1",
+                  "since=" + "9" * 5000):
+        status, answer = await cluster.get(n1.api_url + "/messages?" + query)
+        assert status == 400 and answer["error"]["code"] == "invalid_query", (query, answer)
+    assert (await cluster.get(n1.api_url + "/messages?since=0&limit=5"))[0] == 200
 
 
 async def _protocol_errors(node: NodeProcess, start: int) -> list[dict] | None:

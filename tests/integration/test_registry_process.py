@@ -28,6 +28,7 @@ import pytest
 import trio
 import yaml
 
+from http_wire import late_body_then_next
 from registry_process import RegistryProcess, run_trustnet
 
 SPEC_BODY = '{"id": "node-test", "ipv6": "fd10:1234::1"}'
@@ -475,27 +476,6 @@ async def test_signal_stops_gracefully_and_keeps_acknowledged_writes(start_regis
     assert await reg2.stop() == 0
 
 
-async def _read_response(stream: trio.SocketStream, buf: bytearray) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 response with a Content-Length body from ``stream``."""
-    while b"\r\n\r\n" not in buf:
-        data = await stream.receive_some(65536)
-        if not data:
-            raise EOFError(f"connection closed; received {bytes(buf)!r}")
-        buf += data
-    head, _, rest = bytes(buf).partition(b"\r\n\r\n")
-    status_line, *header_lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip()
-               for k, _, v in (line.partition(":") for line in header_lines)}
-    length = int(headers.get("content-length", "0"))
-    while len(rest) < length:
-        data = await stream.receive_some(65536)
-        if not data:
-            raise EOFError("connection closed inside a response body")
-        rest += data
-    del buf[:len(head) + 4 + length]
-    return int(status_line.split()[1]), headers, rest[:length]
-
-
 # A write refused by the API-key check is answered before its body arrives;
 # hypercorn 0.18 would then neither read that body nor close the keep-alive
 # connection, so the next request on it would never be answered.
@@ -503,32 +483,11 @@ async def test_refused_write_leaves_the_keep_alive_connection_usable(start_regis
     key = "it-keepalive-key"
     reg = await start_registry(env={"REGISTRY_API_KEY": key})
     body = orjson.dumps({"id": "ka-node", "ipv6": "fd10:1234::99"})
-    head = (f"POST /nodes HTTP/1.1\r\nHost: [::1]:{reg.port}\r\n"
-            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode()
-    get = f"GET /health HTTP/1.1\r\nHost: [::1]:{reg.port}\r\n\r\n".encode()
-    stream = await trio.open_tcp_stream("::1", reg.port)
-    async with stream:
-        buf = bytearray()
-        # A client that sends the headers and the body in separate writes, as
-        # httpx and curl do. The registry may answer early or wait for the body.
-        await stream.send_all(head)
-        answer = None
-        with trio.move_on_after(1.0):
-            answer = await _read_response(stream, buf)
-        if answer is not None:
-            # Let the server finish with the request it answered early, as a
-            # slow client would, before the rest of its body arrives.
-            await trio.sleep(0.5)
-        await stream.send_all(body + get)  # the rest of the POST, then the next request
-        with trio.fail_after(5):
-            if answer is None:
-                answer = await _read_response(stream, buf)
-            status, headers, payload = answer
-            assert status == 401, payload
-            if headers.get("connection", "").lower() == "close":
-                return  # the registry ends the connection: the client will not reuse it
-            status, _, payload = await _read_response(stream, buf)
-        assert status == 200, payload
+    (status, _, payload), after = await late_body_then_next(reg.port, "POST", "/nodes", body,
+                                                            "/health")
+    assert status == 401, payload
+    if after is not None:  # else the registry closed the connection
+        assert after[0] == 200, after
     assert await reg.stop() == 0
 
 

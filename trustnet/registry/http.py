@@ -10,7 +10,6 @@ import time
 from typing import Any
 
 import attrs
-import orjson
 from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -19,6 +18,7 @@ from actors import ActorError, AskTimeout, Ref, Refused
 from trustnet.version import build_info
 
 from trustnet.consensus.actor import AddMember, ClusterStatus, ReadBarrier, RemoveMember
+from trustnet.http_json import error_response, finish_body, json_response
 
 from . import messages as m
 from . import validate
@@ -34,16 +34,6 @@ REFUSAL_STATUS = {"not_found": 404, "ipv6_taken": 409, "domain_exists": 409, "in
                   "not_leader": 503, "conf_change_in_progress": 409, "invalid_member": 400}
 RETRY_AFTER = frozenset({"no_leader", "commit_unknown", "not_committed", "not_leader"})
 WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-
-
-def json_response(body: Any, status: int = 200, headers: dict | None = None) -> Response:
-    """`body` as JSON; bytes are taken as JSON already encoded (a page of nodes)."""
-    data = body if isinstance(body, bytes) else orjson.dumps(body)
-    return Response(data, status=status, content_type="application/json", headers=headers)
-
-
-def error_response(status: int, code: str, message: str, headers: dict | None = None) -> Response:
-    return json_response({"error": {"code": code, "message": message}}, status, headers)
 
 
 def create_app(registry: Ref, *, api_key: str | None = None, max_body_bytes: int = 65536,
@@ -115,7 +105,7 @@ def create_app(registry: Ref, *, api_key: str | None = None, max_body_bytes: int
 
     @app.after_request
     async def log_request(response: Response) -> Response:
-        await _finish_body(response, max_body_bytes)
+        await finish_body(response, max_body_bytes)
         response.headers["X-Request-Id"] = g.get("request_id", "")
         raft = g.get("raft")
         if raft is not None:
@@ -287,22 +277,6 @@ def create_app(registry: Ref, *, api_key: str | None = None, max_body_bytes: int
         return json_response(await consensus.ask(RemoveMember(member_id), timeout=ask_timeout))
 
     return app
-
-
-async def _finish_body(response: Response, limit: int) -> None:
-    """Make sure a request's body was read, also when it was answered early
-    (refused key, unknown route, bad method): hypercorn would otherwise leave
-    the body, and the next request on the keep-alive connection, unread. A
-    body too big to read closes the connection instead."""
-    if not request.content_length:
-        return  # no body (or chunked: Quart reads that as it streams)
-    if request.content_length > limit:
-        response.headers["Connection"] = "close"
-        return
-    try:
-        await request.get_data()
-    except HTTPException:
-        response.headers["Connection"] = "close"
 
 
 def _check_key(key: bytes) -> Response | None:
