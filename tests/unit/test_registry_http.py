@@ -3,6 +3,7 @@ RegistryActor over SQLite behind it."""
 
 from __future__ import annotations
 
+import copy
 import importlib.metadata
 import json
 import logging
@@ -677,6 +678,11 @@ _CONTENT_TYPES = [None, "application/json", "text/plain", FORM, "application/jso
                   "application/octet-stream", "*/*"]
 
 
+def _odd(rng) -> Any:
+    """One of _ODD_VALUES, a copy: the mutations must not change the list."""
+    return copy.deepcopy(rng.choice(_ODD_VALUES))
+
+
 def _fuzz_request(rng) -> tuple[str, str, bytes | None, dict]:
     """A request made from a valid one by a few random mutations."""
     node = rng.choice(["n1", "n2", "n3", "ghost"])
@@ -717,11 +723,11 @@ def _fuzz_request(rng) -> tuple[str, str, bytes | None, dict]:
             if op == 0 and body:
                 body.pop(rng.choice(sorted(body)))
             elif op == 1 and body:
-                body[rng.choice(sorted(body))] = rng.choice(_ODD_VALUES)
+                body[rng.choice(sorted(body))] = _odd(rng)
             elif op == 2:
-                body[rng.choice(["extra", "ID", "ipv6 ", "node_a", "name"])] = rng.choice(_ODD_VALUES)
+                body[rng.choice(["extra", "ID", "ipv6 ", "node_a", "name"])] = _odd(rng)
             else:
-                body = rng.choice([body, [body], _ODD_VALUES[rng.randrange(len(_ODD_VALUES))]])
+                body = rng.choice([body, [body], _odd(rng)])
     data = None if body is None and rng.random() < 0.8 else json.dumps(
         body, ensure_ascii=rng.random() < 0.5).encode()  # json: ints past 64 bits too
     if data is not None and rng.random() < 0.3:  # damage the bytes themselves
