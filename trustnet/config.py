@@ -232,14 +232,16 @@ _REPLICA_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _WS_ADDRESS = re.compile(r"ws://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})")
 
 
-def _replica_id(value: object, _t: Any) -> str:
+def replica_id(value: object, _t: Any = None) -> str:
+    """A replica id (also the admin API's check of a new member's)."""
     if not isinstance(value, str) or not _REPLICA_ID.fullmatch(value):
         raise FieldError("must be a replica id (1..64 letters, digits, '-', '_', '.'), "
                          f"got {_show(value)}")
     return value
 
 
-def _ws_address(value: object, _t: Any) -> str:
+def ws_address(value: object, _t: Any = None) -> str:
+    """A websocket address ws://[IPv6]:port or ws://host:port."""
     m = _WS_ADDRESS.fullmatch(value) if isinstance(value, str) else None
     if m is None or not 1 <= int(m.group(2)) <= 65535:
         raise FieldError(f"must be a websocket address such as 'ws://[::1]:8001', got {_show(value)}")
@@ -333,8 +335,8 @@ def make_converter() -> cattrs.Converter:
     conv.register_structure_hook(LogFormat, _one_of(LOG_FORMATS))
     conv.register_structure_hook(NonEmptyStr, _non_empty_str)
     conv.register_structure_hook(ApiKey, _api_key)
-    conv.register_structure_hook(ReplicaId, _replica_id)
-    conv.register_structure_hook(WsAddress, _ws_address)
+    conv.register_structure_hook(ReplicaId, replica_id)
+    conv.register_structure_hook(WsAddress, ws_address)
     conv.register_structure_hook_factory(_is_list, _list_hook_factory)
     conv.register_structure_hook_factory(_is_attrs, _attrs_hook_factory)
     return conv

@@ -15,6 +15,7 @@ import trio
 
 from actors import ActorSystem
 from trustnet.registry import messages as m
+from trustnet.registry import validate
 from trustnet.registry.actor import RegistryActor
 from trustnet.registry.http import create_app
 from trustnet.registry.state import RegistryState
@@ -656,6 +657,33 @@ async def test_request_id_and_request_log(client, caplog):
     assert record.duration_ms >= 0
     other = await client.get("/health")
     assert len(other.headers["X-Request-Id"]) == 16
+
+
+@pytest.mark.parametrize(("data", "code"), [
+    ({"id": "r4"}, "missing_field"),
+    ({"address": "ws://[::1]:8031"}, "missing_field"),
+    ({"id": "r4", "address": "ws://[::1]:8031", "voter": True}, "unknown_field"),
+    ({"id": 4, "address": "ws://[::1]:8031"}, "invalid_type"),
+    ({"id": "r4", "address": ["ws://[::1]:8031"]}, "invalid_type"),
+    ({"id": "", "address": "ws://[::1]:8031"}, "invalid_value"),
+    ({"id": "r 4", "address": "ws://[::1]:8031"}, "invalid_value"),
+    ({"id": "r" * 65, "address": "ws://[::1]:8031"}, "invalid_value"),
+    ({"id": "r4", "address": "ws://"}, "invalid_value"),
+    ({"id": "r4", "address": "ws://[::1]"}, "invalid_value"),
+    ({"id": "r4", "address": "ws://[::1]:0"}, "invalid_value"),
+    ({"id": "r4", "address": "ws://[::1]:70000"}, "invalid_value"),
+    ({"id": "r4", "address": "ws://[fd10::zz]:8031"}, "invalid_value"),
+    ({"id": "r4", "address": "http://[::1]:8031"}, "invalid_value"),
+    ({"id": "r4", "address": "ws://[::1]:8031/path"}, "invalid_value"),
+])
+def test_a_new_member_is_checked_like_a_configured_peer(data, code):
+    """POST /cluster/members (replicated mode): a member added with an
+    address nobody can dial would still count toward every quorum."""
+    with pytest.raises(validate.BadRequest) as info:
+        validate.new_member(data)
+    assert info.value.code == code and info.value.status == 400
+    assert validate.new_member({"id": "r4", "address": "ws://[::1]:8031"}) == (
+        "r4", "ws://[::1]:8031")
 
 
 # ------------------------------------------------------------------ fuzz

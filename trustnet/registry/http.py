@@ -263,10 +263,7 @@ def create_app(registry: Ref, *, api_key: str | None = None, max_body_bytes: int
         data = await body()
         if consensus is None:
             return not_replicated()
-        ident, address = data.get("id"), data.get("address")
-        if not isinstance(ident, str) or not isinstance(address, str) \
-                or not ident or not address.startswith("ws://"):
-            raise BadRequest("invalid_value", "need {\"id\": str, \"address\": \"ws://[addr]:port\"}")
+        ident, address = validate.new_member(data)
         return json_response(await consensus.ask(AddMember(ident, address),
                                                  timeout=ask_timeout), 201)
 

@@ -11,6 +11,7 @@ from typing import Any
 import orjson
 
 from trustnet.addressing import parse_ipv6
+from trustnet.config import FieldError, replica_id, ws_address
 
 from . import messages as m
 from .node_protocol import SignedHeartbeat
@@ -149,3 +150,19 @@ def list_nodes(args: dict[str, str]) -> m.ListNodes:
 
 def _kind(value: Any) -> str:
     return "null" if value is None else type(value).__name__
+
+
+def new_member(data: dict[str, Any]) -> tuple[str, str]:
+    """POST /cluster/members: {"id", "address"}, checked as registry.yaml's
+    replication.peers are: a member that can never be reached would still
+    count toward every quorum."""
+    _fields(data, ("id", "address"), ())
+    for field, value, check in (("id", data["id"], replica_id),
+                                ("address", data["address"], ws_address)):
+        if not isinstance(value, str):
+            raise BadRequest("invalid_type", f"{field} must be a string, got {_kind(value)}")
+        try:
+            check(value)
+        except FieldError as exc:
+            raise BadRequest("invalid_value", f"{field} {exc}") from None
+    return data["id"], data["address"]
