@@ -35,10 +35,16 @@ _JSON_TAG = "$json"  # a reply that is plain JSON rather than a message class
 _tag_to_cls: dict[str, type] = {}
 _cls_to_tag: dict[type, str] = {}
 _refusals: dict[str, type[Refused]] = {}
+_local: set[type] = set()  # message(..., local=True)
 
 
-def message(tag: str) -> Callable[[type[T]], type[T]]:
-    """Class decorator: a frozen attrs message with the wire tag `tag`."""
+def message(tag: str, *, local: bool = False) -> Callable[[type[T]], type[T]]:
+    """Class decorator: a frozen attrs message with the wire tag `tag`.
+
+    `local`: the message only ever goes between actors of one process (a
+    local API's request, say). It is refused both ways at the wire: sending
+    it is a TypeError, and one that arrives anyway is a ProtocolError, so a
+    remote process cannot make an actor do what only its own process may ask."""
 
     def wrap(cls: type[T]) -> type[T]:
         if not attrs.has(cls):
@@ -48,6 +54,8 @@ def message(tag: str) -> Callable[[type[T]], type[T]]:
             raise ValueError(f"wire tag {tag!r} already used by {known!r}")
         _tag_to_cls[tag] = cls
         _cls_to_tag[cls] = tag
+        if local:
+            _local.add(cls)
         return cls
 
     return wrap
@@ -175,6 +183,8 @@ def to_wire(msg: Any) -> Any:
         if msg is None or isinstance(msg, (bool, int, float, str, list, dict)):
             return {TAG_KEY: _JSON_TAG, "v": msg}
         raise TypeError(f"{type(msg).__name__} is not a wire message (missing @message)")
+    if type(msg) in _local:
+        raise TypeError(f"{type(msg).__name__} is local to its process and does not cross the wire")
     data = converter.unstructure(msg)
     data[TAG_KEY] = tag
     return data
@@ -193,6 +203,8 @@ def from_wire(data: Any) -> Any:
     cls = _tag_to_cls.get(tag) if isinstance(tag, str) else None
     if cls is None:
         raise ProtocolError(f"unknown message tag {tag!r}")
+    if cls in _local:
+        raise ProtocolError(f"message {tag!r} is local to its process; not accepted from the network")
     try:
         return converter.structure(data, cls)
     except Exception as exc:  # cattrs raises several kinds; all mean bad input

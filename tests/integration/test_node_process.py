@@ -396,6 +396,43 @@ async def test_the_node_api_answers_bad_requests_and_keeps_the_connection(cluste
     assert (await cluster.get(n1.api_url + "/messages?since=0&limit=5"))[0] == 200
 
 
+async def test_local_api_messages_from_the_network_close_the_link(cluster):
+    """What a process's own HTTP API asks its actors (the registry's
+    API-key writes, the node's local inbox and broadcast) is refused when it
+    comes over an actor link instead: the link closes with a ProtocolError,
+    and nothing is done. Before, anyone reaching the actor port could release
+    a bound name without the API key, or read a node's inbox."""
+    (n1,) = await cluster.start(1)
+    await eventually(lambda: _has_key(cluster, "n1"), "n1 registered with its key")
+    reg_ws = cluster.registry.ws_address
+
+    async def refused(url: str, hello: str, to: str, body: dict) -> None:
+        envelope = {"from": hello + "/", "to": to, "kind": "ask", "cid": 1, "body": body}
+        async with trio_websocket.open_websocket_url(url) as ws:
+            await ws.send_message(hello_frame(hello))
+            await ws.send_message(orjson.dumps(envelope).decode())
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                with trio.fail_after(WAIT):
+                    await ws.get_message()
+        assert closed.value.reason.code == 1002, closed.value.reason
+        assert "local to its process" in closed.value.reason.reason, closed.value.reason
+
+    await refused(reg_ws, "ws://[::1]:9", "registry",
+                  {"$t": "registry.req.release_name", "node_id": "n1", "request_id": ""})
+    await refused(reg_ws, "ws://[::1]:9", "registry",
+                  {"$t": "registry.req.deregister", "node_id": "n1", "request_id": ""})
+    await refused(n1.mesh_address, f"ws://[{n1.address}]:9", "mesh",
+                  {"$t": "node.local.inbox", "since": 0, "limit": 10})
+    assert await _has_key(cluster, "n1")  # still registered, still bound to its key
+    status, body = await cluster.get(n1.api_url + "/health")
+    assert status == 200 and body["status"] == "ok"
+
+
+async def _has_key(cluster: Cluster, node_id: str) -> bool:
+    status, body = await cluster.get(cluster.url + f"/nodes/{node_id}")
+    return status == 200 and bool(body.get("public_key"))
+
+
 async def _protocol_errors(node: NodeProcess, start: int) -> list[dict] | None:
     found = [d for d in node.lines[start:] if d.get("message") == "protocol error, closing link"]
     return found if len(found) >= 2 else None

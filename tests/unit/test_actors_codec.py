@@ -116,6 +116,23 @@ def test_encode_refuses_objects_that_are_not_messages():
         to_wire(Plain())
 
 
+@message("test.codec.local_only", local=True)
+class LocalOnly:
+    what: str
+
+
+def test_a_local_message_does_not_cross_the_wire_either_way():
+    """A local API's request: its own process may ask it, the network may not."""
+    with pytest.raises(TypeError, match="local to its process"):
+        to_wire(LocalOnly("x"))
+    with pytest.raises(ProtocolError, match="local to its process"):
+        from_wire({"$t": "test.codec.local_only", "what": "x"})
+    frame = orjson.dumps({"from": "ws://[::1]:1/", "to": "a", "kind": "ask", "cid": 1,
+                          "body": {"$t": "test.codec.local_only", "what": "x"}})
+    with pytest.raises(ProtocolError, match="local to its process"):
+        decode(frame)
+
+
 # ----------------------------------------------------------- strict decoding
 
 def wire_of(msg: Any, **changes: Any) -> dict:

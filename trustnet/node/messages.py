@@ -79,40 +79,40 @@ class Direct:
 
 # ------------------------------------------------------------ local (API -> actors)
 
-@message("node.local.broadcast")
+@message("node.local.broadcast", local=True)
 class Broadcast:
     payload: str
 
 
-@message("node.local.send")
+@message("node.local.send", local=True)
 class Send:
     target: str
     payload: str
 
 
-@message("node.local.inbox")
+@message("node.local.inbox", local=True)
 class GetInbox:
     since: int = 0
     limit: int = 100
 
 
-@message("node.local.peers")
+@message("node.local.peers", local=True)
 class GetPeers:
     pass
 
 
-@message("node.local.link_lost")
+@message("node.local.link_lost", local=True)
 class LinkLost:
     peer: str
     reason: str
 
 
-@message("node.local.heartbeat_status")
+@message("node.local.heartbeat_status", local=True)
 class HeartbeatStatus:
     pass
 
 
-@message("node.local.report_links")
+@message("node.local.report_links", local=True)
 class ReportLinks:
     """Heartbeat -> mesh after registering again: the registry dropped this
     node's rows of the peers table with its lapsed lease; report every open

@@ -1,8 +1,13 @@
 """What callers ask the RegistryActor: typed messages with stable wire tags.
 
-Routes, the node's websocket link and (later) other replicas all speak these;
-the actor turns writes into registry commands (commands.py), stamping the
-time, so `apply` itself stays deterministic.
+The HTTP routes ask these in the registry's own process. The writes (all
+behind the API key when one is set) are local (`message(..., local=True)`):
+refused from the network, so a process that reaches the actor port cannot
+skip the key. Reads are open, as over HTTP (a node asks GetNode for a
+peer's key). Nodes write with node_protocol's signed messages; replicas
+forward heartbeats as LeaderHeartbeat. The
+actor turns writes into registry commands (commands.py), stamping the time,
+so `apply` itself stays deterministic.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ DEFAULT_DOMAIN = "default"
 RAFT_POSITION = "raft"
 
 
-@message("registry.req.register")
+@message("registry.req.register", local=True)
 class Register:
     node_id: str
     ipv6: str
@@ -26,13 +31,13 @@ class Register:
     request_id: str = ""  # client session id (replicated mode): a retried write applies once
 
 
-@message("registry.req.deregister")
+@message("registry.req.deregister", local=True)
 class Deregister:
     node_id: str
     request_id: str = ""  # client session id (replicated mode): a retried write applies once
 
 
-@message("registry.req.heartbeat")
+@message("registry.req.heartbeat", local=True)
 class Heartbeat:
     node_id: str
 
@@ -55,7 +60,7 @@ class ListDomains:
     pass
 
 
-@message("registry.req.create_domain")
+@message("registry.req.create_domain", local=True)
 class CreateDomainReq:
     name: str
     request_id: str = ""  # client session id (replicated mode): a retried write applies once
@@ -66,14 +71,14 @@ class ListPeers:
     node_id: str | None = None
 
 
-@message("registry.req.add_peer")
+@message("registry.req.add_peer", local=True)
 class AddPeerReq:
     node_a: str
     node_b: str
     request_id: str = ""  # client session id (replicated mode): a retried write applies once
 
 
-@message("registry.req.remove_peer")
+@message("registry.req.remove_peer", local=True)
 class RemovePeerReq:
     node_a: str
     node_b: str
@@ -90,7 +95,7 @@ class ReputationOf:
     node_id: str
 
 
-@message("registry.req.release_name")
+@message("registry.req.release_name", local=True)
 class ReleaseName:
     """Admin: free a name from its key (the API key guards the route)."""
 
