@@ -548,7 +548,8 @@ class ActorSystem:
     async def _ask_remote(self, address: str, name: str, msg: Any, timeout: float) -> Any:
         cid = next(self._cids)
         reply = Reply()
-        self._pending[cid] = (address, reply)
+        # Filed under the link's name: only that link may answer it.
+        self._pending[cid] = (self._require_transport(address).link_address(address), reply)
         try:
             with trio.move_on_after(timeout):
                 await self._send_remote(address, Envelope(self.address + "/", name, "ask", msg, cid))
@@ -565,13 +566,20 @@ class ActorSystem:
         except Exception as exc:  # the asker will time out; say why here
             log.warning("reply not sent", extra={"to": address, "error": str(exc)})
 
-    async def _deliver(self, env: Envelope) -> None:
-        """Route one inbound envelope (called by the transport)."""
+    async def _deliver(self, env: Envelope, peer: str) -> None:
+        """Route one inbound envelope that the link to `peer` carried (called
+        by the transport)."""
         if env.kind in ("reply", "error"):
             pending = self._pending.get(env.cid)  # type: ignore[arg-type]
             if pending is None:
                 return  # a late answer to an ask that timed out
-            _, reply = pending
+            asked, reply = pending
+            if asked != peer:
+                # Correlation ids are a counter: anyone could guess one. Only
+                # the process that was asked may answer.
+                log.warning("reply from a peer that was not asked, dropped",
+                            extra={"peer": peer, "asked": asked, "cid": env.cid})
+                return
             if env.kind == "reply":
                 reply.set(env.body)
             else:

@@ -167,9 +167,12 @@ class SimTransport:
                                 extra={"peer": src, "error": f"ProtocolError: {exc}"})
                     link_down(src)
                     continue
-                await deliver(env)
+                await deliver(env, src)
         finally:
             self._inbox = self._link_down = None
+
+    def link_address(self, address: str) -> str:
+        return address
 
     async def send(self, address: str, envelope: Envelope) -> None:
         await trio.lowlevel.checkpoint()

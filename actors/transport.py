@@ -13,9 +13,10 @@ import trio
 
 from .codec import Envelope
 
-# Called by the transport for every decoded inbound envelope. It may await
-# (a full mailbox pushes back on the link that delivered the envelope).
-Deliver = Callable[[Envelope], Awaitable[None]]
+# Called by the transport for every decoded inbound envelope, with the
+# address of the link that carried it (as link_address names it). It may
+# await (a full mailbox pushes back on the link that delivered the envelope).
+Deliver = Callable[[Envelope, str], Awaitable[None]]
 # Called by the transport when the link to an address is lost, so pending
 # asks to it fail at once instead of waiting for their timeouts.
 LinkDown = Callable[[str], None]
@@ -34,6 +35,11 @@ class Transport(Protocol):
     ) -> None:
         """Accept and dial links until cancelled; call task_status.started() when
         the listener is bound. Inbound envelopes go to `deliver`."""
+        ...
+
+    def link_address(self, address: str) -> str:
+        """The name of the link to `address`: what `deliver` and `link_down`
+        are given for it (e.g. the address in a canonical form)."""
         ...
 
     async def send(self, address: str, envelope: Envelope) -> None:

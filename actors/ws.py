@@ -365,6 +365,9 @@ class WebsocketTransport:
         except trio.BrokenResourceError:
             raise Unreachable(f"cannot reach {address}: the transport stopped") from None
 
+    def link_address(self, address: str) -> str:
+        return normalize_address(address)
+
     def connections(self, address: str) -> list[Literal["in", "out"]]:
         """The live connections to `address`, oldest first: "in" was accepted,
         "out" was dialled by us. Empty when the link is down."""
@@ -627,11 +630,21 @@ class WebsocketTransport:
             except ProtocolError as exc:
                 await self._reject(conn, link.peer, exc)
                 return
+            if conn.direction == "in":
+                # The hello named this peer (and its host is the socket's):
+                # it may not speak for another address, which replies and
+                # new links would then go to.
+                stranger = next((e.sender for e in envelopes if e.kind in ("ask", "tell")
+                                 and _sender_address(e.sender) != link.peer), None)
+                if stranger is not None:
+                    await self._reject(conn, link.peer, ProtocolError(
+                        f"envelope from {stranger!r} on the link of {link.peer}"))
+                    return
             for envelope in envelopes:
                 try:
                     # Awaited: a full mailbox holds up this link, and through TCP
                     # the peer's writer (backpressure end to end).
-                    await self._deliver(envelope)  # type: ignore[misc]
+                    await self._deliver(envelope, link.peer)  # type: ignore[misc]
                 except Exception:  # a bug in routing must not take the link down
                     log.exception("delivery failed", extra={"peer": link.peer, "to": envelope.to})
 
@@ -737,6 +750,15 @@ def _source_address(address: str) -> str | None:
     except ValueError:
         return None  # a host name: let the kernel choose
     return None if ip.is_unspecified else ip.compressed
+
+
+def _sender_address(sender: str) -> str | None:
+    """The process address in an envelope's `from` ("ws://[::1]:9001/name"),
+    canonical; None if it is not one."""
+    try:
+        return normalize_address(sender.rsplit("/", 1)[0])
+    except ValueError:
+        return None
 
 
 def _check_origin(peer: str, ws: WebSocketConnection) -> None:

@@ -611,6 +611,14 @@ GARBAGE = {
     "hello claiming another host": ([hello_frame("ws://[fd10:1234::99]:1")], 1002),
     "hello naming a host name": ([hello_frame("ws://peer.example:1")], 1002),
     "hello naming the unspecified address": ([hello_frame("ws://[::]:1")], 1002),
+    # After the hello, the peer speaks only for the address it named: replies
+    # (and the links they open) would otherwise go wherever it says.
+    "ask from another address": ([HELLO, envelope(ECHO, **{"from": "ws://[::1]:2/"})], 1002),
+    "tell from another host": ([HELLO, envelope(ECHO, kind="tell", cid=None,
+                                                **{"from": "ws://[fd10::9]:1/x"})], 1002),
+    "ask from no address": ([HELLO, envelope(ECHO, **{"from": "nobody"})], 1002),
+    "batch with one stranger": ([HELLO, f"[{envelope(ECHO)}, "
+                                 f"{envelope(ECHO, **{'from': 'ws://[::1]:2/'})}]"], 1002),
 }
 
 
@@ -666,6 +674,32 @@ async def test_a_valid_raw_client_gets_answers(nodes):
         with trio.fail_after(BOUND):
             reply = orjson.loads(await ws.get_message())
     assert (reply["kind"], reply["cid"], reply["body"]) == ("reply", 7, {"$t": "$json", "v": "echo:hi"})
+
+
+async def test_a_reply_from_a_peer_that_was_not_asked_is_dropped(nodes):
+    """Correlation ids are a counter, so anyone linked to a process could
+    guess the id of an ask in flight and answer it (a node's lookup of a
+    peer's key, say). Only the process that was asked may answer."""
+    a, b = await nodes(), await nodes()
+    async with trio.open_nursery() as nursery:
+        answer: list = []
+
+        async def ask_sink() -> None:  # b's sink answers once b's gate opens
+            answer.append(await a.ref("sink", b).ask(Echo("held"), timeout=BOUND))
+        nursery.start_soon(ask_sink)
+        await eventually(lambda: a.system._pending)
+        [cid] = a.system._pending
+        async with raw_client(a) as ws:  # a stranger, linked to a as ws://[::1]:1
+            await ws.send_message(HELLO)
+            await ws.send_message(orjson.dumps(
+                {"from": PEER + "/", "to": "", "kind": "reply", "cid": cid,
+                 "body": {"$t": "$json", "v": "forged"}}).decode())
+            await ws.send_message(envelope(ECHO, cid=99))  # still linked: it answers
+            with trio.fail_after(BOUND):
+                assert orjson.loads(await ws.get_message())["cid"] == 99
+        assert answer == []  # the forged reply did not answer it
+        b.gate.set()
+    assert answer == [None]  # b's own answer did
 
 
 async def test_silent_client_is_closed_after_the_hello_timeout(nodes):
