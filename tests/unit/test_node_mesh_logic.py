@@ -79,3 +79,28 @@ def test_a_later_copy_with_more_hops_left_is_forwarded_not_delivered():
     # No better than what was already forwarded: dropped.
     assert flood_step(seen, 0.2, "me", "m1", "o", "c", 3, None, ["a", "b", "c"]) == (False, [])
     assert flood_step(seen, 0.3, "me", "m1", "o", "c", 2, None, ["a", "b", "c"]) == (False, [])
+
+
+def test_a_copy_claiming_more_hops_than_a_broadcast_has_is_not_believed():
+    """A peer that re-sends one message id claiming 1, 2, ... 1000 hops left
+    would have it forwarded again for each larger claim, and travel 1000 hops:
+    believed, a copy has at most what a fresh broadcast starts with."""
+    from trustnet.node.flood import arriving_hops
+
+    hops = 8
+    assert arriving_hops(10**9, hops) == hops - 1
+    assert arriving_hops(3, hops) == 3 and arriving_hops(-5, hops) == -5
+    seen = SeenSet()
+    forwards = sum(bool(flood_step(seen, 0.0, "b", "m1", "a", "a", arriving_hops(h, hops), None,
+                                   ["a", "c"])[1]) for h in range(1, 1001))
+    assert forwards == hops - 1
+
+
+def test_inbox_keeps_payloads_as_text_and_shows_them_parsed():
+    inbox = Inbox(capacity=2)
+    shown = inbox.add(msg_id="m1", origin="a", kind="broadcast", payload='{"a": [1, {}]}', at=1.0)
+    assert shown["payload"] == {"a": [1, {}]}
+    inbox.add(msg_id="m2", origin="a", kind="broadcast", payload="not json", at=2.0)
+    assert [i["payload"] for i in inbox.since(0)] == [{"a": [1, {}]}, "not json"]
+    # what it holds is the text: a peer's payload costs its size, not ~20x
+    assert all(isinstance(i["payload"], str) for i in inbox._items)

@@ -62,6 +62,19 @@ class SeenSet:
             self._hops.pop(oldest, None)
 
 
+# The largest payload a node delivers or forwards: what its own API accepts
+# in a request (trustnet.node.http.MAX_BODY). A peer's bigger ones are dropped.
+MAX_PAYLOAD = 64 * 1024
+
+
+def arriving_hops(hops_left: int, hops: int) -> int:
+    """The hops left of a copy that arrives, as far as we believe it: a fresh
+    broadcast starts with `hops` - 1 left and a copy has used one more, so a
+    peer claiming more (10**9, say) is only making its copy travel further and
+    be forwarded again for each larger claim."""
+    return min(hops_left, hops - 1)
+
+
 def flood_step(seen: SeenSet, now: float, me: str, msg_id: str, origin: str, via: str,
                hops_left: int, target: str | None, links: Iterable[str]
                ) -> tuple[bool, list[str]]:
@@ -96,17 +109,24 @@ class Inbox:
     def add(self, *, msg_id: str, origin: str, kind: str, payload: str, at: float,
             hops: int | None = None) -> dict[str, Any]:
         self.last_seq += 1
-        try:
-            value = orjson.loads(payload)
-        except orjson.JSONDecodeError:
-            value = payload
+        # Kept as the text it came as: parsed, a payload of nested empty
+        # objects takes ~20x its size, and a peer chooses the payload.
         item = {"seq": self.last_seq, "id": msg_id, "from": origin, "kind": kind,
-                "payload": value, "received_at": at, "hops": hops}
+                "payload": payload, "received_at": at, "hops": hops}
         self._items.append(item)
-        return item
+        return _shown(item)
 
     def since(self, seq: int, limit: int = 100) -> list[dict[str, Any]]:
-        return [i for i in self._items if i["seq"] > seq][:limit]
+        return [_shown(i) for i in self._items if i["seq"] > seq][:limit]
 
     def ids(self) -> list[str]:
         return [i["id"] for i in self._items]
+
+
+def _shown(item: dict[str, Any]) -> dict[str, Any]:
+    """An inbox item with its payload as the JSON value it encodes."""
+    try:
+        value = orjson.loads(item["payload"])
+    except orjson.JSONDecodeError:
+        value = item["payload"]
+    return item | {"payload": value}

@@ -43,7 +43,7 @@ from trustnet.registry.messages import GetNode
 from trustnet.registry.node_protocol import Candidates, LinkReport
 
 from .context import NodeContext, node_address
-from .flood import DEFAULT_HOPS, Inbox, SeenSet, flood_step
+from .flood import DEFAULT_HOPS, MAX_PAYLOAD, Inbox, SeenSet, arriving_hops, flood_step
 from .handshake import check_proof, new_challenge, sign_challenge
 from .messages import (
     Broadcast,
@@ -450,10 +450,16 @@ class MeshActor(Actor):
         return {"id": msg_id, "sent_to": sent}
 
     def _on_flood(self, msg: Flood) -> None:
+        if len(msg.payload) > MAX_PAYLOAD:
+            log.warning("flood with an oversized payload dropped",
+                        extra={"via": msg.via, "msg_id": msg.msg_id, "bytes": len(msg.payload)})
+            return
         if msg.via not in self.links:
             log.debug("flood from a node we have no link with, dropped",
                       extra={"via": msg.via, "msg_id": msg.msg_id})
             return
+        if msg.hops_left > (believed := arriving_hops(msg.hops_left, self.hops)):
+            msg = attrs.evolve(msg, hops_left=believed)
         now = trio.current_time()
         deliver, forward = flood_step(self.seen, now, self.me, msg.msg_id, msg.origin, msg.via,
                                       msg.hops_left, msg.target, sorted(self.links))
@@ -466,7 +472,7 @@ class MeshActor(Actor):
             self._tell_peer_mesh(self.links[peer].address, relay)
 
     def _on_direct(self, msg: Direct) -> None:
-        if msg.target != self.me or msg.origin not in self.links:
+        if msg.target != self.me or msg.origin not in self.links or len(msg.payload) > MAX_PAYLOAD:
             log.debug("direct message dropped", extra={"origin": msg.origin, "target": msg.target})
             return
         if self.seen.add(msg.msg_id, trio.current_time()):
