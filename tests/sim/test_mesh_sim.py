@@ -340,3 +340,27 @@ async def test_nodes_open_a_new_session_when_the_registry_forgets_or_refuses_the
         assert all(b.misses == 0 and b.registered for b in beats.values())
         assert all(code == 0 for code in cluster.exits.values()), cluster.exits
         nursery.cancel_scope.cancel()
+
+
+async def test_a_direct_message_from_a_full_node_does_not_exceed_its_links(seeded, autojump_clock):
+    """Send opens a link on demand only when there is room: a node at
+    max_connections floods the message toward its target instead (it used
+    to dial anyway, and four sends took a node at 3 links to 7)."""
+    from trustnet.node.messages import Send
+
+    cluster = Cluster(seed=5, n=12, max_connections=3)
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery)
+        await settle(cluster, list(cluster.names), limit=120)
+        full = next(n for n in cluster.names
+                    if len(cluster.mesh(n).links) == cluster.max_connections)
+        strangers = [n for n in cluster.names
+                     if n != full and n not in cluster.mesh(full).links]
+        ctx = cluster.contexts[full]
+        answers = [await ctx.system.ref("mesh").ask(Send(target, '"hi"')) for target in strangers]
+        assert all(a["route"] == "flood" for a in answers), answers
+        assert len(cluster.mesh(full).links) <= cluster.max_connections
+        await trio.sleep(3.0)
+        for target, answer in zip(strangers, answers):
+            assert cluster.inbox_count(target, answer["id"]) == 1, target
+        nursery.cancel_scope.cancel()

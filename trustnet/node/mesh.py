@@ -365,7 +365,9 @@ class MeshActor(Actor):
             log.warning("peer failed the link handshake, refused",
                         extra={"peer": peer, "error": "signature does not match the registered key"})
             self.pending_in.pop(peer, None)
-            self._report(peer, "failed")
+            # Not reported to the registry: whoever dialled only claimed the
+            # name, and a report would lower the reputation of its real owner.
+            # (A node we dial at its registered address that fails is reported.)
             raise Refused("auth_failed", f"{peer!r} did not prove it holds its registered key")
         try:
             await self._open_link(peer, pending.address, "in")
@@ -487,10 +489,15 @@ class MeshActor(Actor):
         if target not in self.links:
             if await self._lookup(target) is None:
                 raise Refused("not_found", f"the registry lists no node {target!r}")
-            try:
-                await self._dial(target)
-            finally:
-                self.dialing.pop(target, None)
+            # A link on demand only with room for it (else the message is
+            # flooded toward its target) and not beside a dial or handshake
+            # with the target already under way (two would spoil each other).
+            if (target not in self.dialing and target not in self.pending_in
+                    and self.occupied < self.p.max_connections):
+                try:
+                    await self._dial(target)
+                finally:
+                    self.dialing.pop(target, None)
         info = self.links.get(target)
         if info is not None and self._tell_peer_mesh(
                 info.address, Direct(msg_id, self.me, target, msg.payload)):
