@@ -60,22 +60,24 @@ class PeerLinkActor(Actor):
             try:
                 await self.remote.ask(Ping(self.node.node_id, seq), timeout=interval)
             except ActorNotFound:
-                self._lose("peer has no link to us")
+                await self._lose("peer has no link to us")
             except ActorError as exc:
                 self.misses += 1
                 log.debug("pong missed", extra={"peer": self.peer, "misses": self.misses,
                                                 "error": str(exc)})
                 if self.misses >= MISSED_PONGS:
-                    self._lose(f"{MISSED_PONGS} missed pongs")
+                    await self._lose(f"{MISSED_PONGS} missed pongs")
             else:
                 self.misses = 0
                 self.rtt = trio.current_time() - sent
             next_at = max(next_at, trio.current_time())
 
-    def _lose(self, reason: str) -> None:
+    async def _lose(self, reason: str) -> None:
         self.lost = True
         log.warning("peer link lost", extra={"peer": self.peer, "reason": reason})
         try:
-            self.mesh.tell_nowait(LinkLost(self.peer, reason))
+            # Waits while the mesh's mailbox is full (a flood can fill it):
+            # dropped, the dead link would stay counted and fed forever.
+            await self.mesh.tell(LinkLost(self.peer, reason))
         except ActorError as exc:
             log.debug("mesh not told of lost link", extra={"peer": self.peer, "error": str(exc)})
