@@ -635,7 +635,7 @@ class WebsocketTransport:
                 # it may not speak for another address, which replies and
                 # new links would then go to.
                 stranger = next((e.sender for e in envelopes if e.kind in ("ask", "tell")
-                                 and _sender_address(e.sender) != link.peer), None)
+                                 and not _speaks_for(e.sender, link.peer)), None)
                 if stranger is not None:
                     await self._reject(conn, link.peer, ProtocolError(
                         f"envelope from {stranger!r} on the link of {link.peer}"))
@@ -752,13 +752,16 @@ def _source_address(address: str) -> str | None:
     return None if ip.is_unspecified else ip.compressed
 
 
-def _sender_address(sender: str) -> str | None:
-    """The process address in an envelope's `from` ("ws://[::1]:9001/name"),
-    canonical; None if it is not one."""
+def _speaks_for(sender: str, peer: str) -> bool:
+    """Whether an envelope's `from` ("ws://[::1]:9001/name") names the
+    process address `peer` (canonical), in any spelling."""
+    address = sender.rsplit("/", 1)[0]
+    if address == peer:  # the usual case, without parsing
+        return True
     try:
-        return normalize_address(sender.rsplit("/", 1)[0])
+        return normalize_address(address) == peer
     except ValueError:
-        return None
+        return False
 
 
 def _check_origin(peer: str, ws: WebSocketConnection) -> None:
