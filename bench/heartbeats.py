@@ -28,8 +28,9 @@ Variants (the first field of --cases):
   noverify  signed, with trustnet.identity.verify() replaced by `return True`
             (statement still parsed, ts/nonce checked, key looked up): what
             the signature itself costs. Not shippable.
-  unsigned  nodes registered unsigned (Register) heartbeating with the plain
-            Heartbeat{node_id}: the floor, no authentication at all.
+(Unsigned registrations and heartbeats, the floor this benchmark measured
+until 2026-11-27, are refused over the websocket now: they are the HTTP
+API's, behind its key.)
 
 The exit status is 0 unless the benchmark itself broke; PASS/MISS is
 informational. See bench/README.md.
@@ -66,7 +67,6 @@ VARIANTS = {
     "session": "as shipped: one signed OpenSession per node, then MAC'd SessionHeartbeats",
     "signed": "SignedHeartbeat, Ed25519-verified, one per heartbeat",
     "noverify": "signed with identity.verify() stubbed (not shippable)",
-    "unsigned": "unsigned Heartbeat{node_id}: no authentication (the floor)",
 }  # issue 3: keepalives/s, 3-member cluster, 16 connections
 
 # A registry whose verify() accepts anything (the "noverify" variant).
@@ -284,14 +284,12 @@ def _worker(idx: int, ws: str, nodes: list[int], case: dict, cfg: dict, conn: An
     from actors import ActorError, ActorSystem, Refused
     from actors.ws import WebsocketTransport
     from trustnet.logs import setup_logging
-    from trustnet.registry.messages import Heartbeat, Register
     from trustnet.identity import session_key, session_share
     from trustnet.node.heartbeat import HeartbeatSession
     from trustnet.registry.node_protocol import OpenSession, SignedHeartbeat, SignedRegister
     import orjson
 
     setup_logging("bench-loadgen", "error")
-    unsigned = case["variant"] == "unsigned"
     sessions = case["variant"] == "session"
     me = [(node_name(i), i, node_identity(i)) for i in nodes]
 
@@ -301,14 +299,11 @@ def _worker(idx: int, ws: str, nodes: list[int], case: dict, cfg: dict, conn: An
 
     registers: list[Any] = []
     if cfg["register"]:
-        if unsigned:
-            registers = [Register(name, node_ipv6(i), 9000, "bench-hb") for name, i, _ in me]
-        else:
-            registers = [SignedRegister(stmt(ident, "register", name,
-                                             {"ipv6": node_ipv6(i), "port": 9000,
-                                              "domain": "bench-hb",
-                                              "public_key": ident.public_key}))
-                         for name, i, ident in me]
+        registers = [SignedRegister(stmt(ident, "register", name,
+                                         {"ipv6": node_ipv6(i), "port": 9000,
+                                          "domain": "bench-hb",
+                                          "public_key": ident.public_key}))
+                     for name, i, ident in me]
     conn.send(("keys", len(me)))
 
     async def ask_all(msgs: list[Any], answered: Callable[[int, Any], None] | None = None
@@ -368,10 +363,7 @@ def _worker(idx: int, ws: str, nodes: list[int], case: dict, cfg: dict, conn: An
 
     # ---- pre-sign the heartbeats (not timed): round robin over our nodes
     budget, skew = cfg["budget"], cfg["ts_offset"]
-    if unsigned:
-        plain = [Heartbeat(name) for name, _, _ in me]
-        beats = [plain[k % len(plain)] for k in range(budget)]
-    elif sessions:
+    if sessions:
         live = [opened[k] for k in sorted(opened)]
         beats = [live[k % len(live)].next() for k in range(budget)] if live else []
     else:
@@ -731,8 +723,7 @@ def run_case(args: argparse.Namespace, reg: Registry, workdir: Path, case: Case,
         if register:
             res.registered, res.register_errors, span = totals(regs)
             res.register_rate = res.registered / span if span > 0 else None
-            kind = "unsigned Register" if case.variant == "unsigned" else "signed SignedRegister"
-            print(f"  [{tag}] registered {res.registered:,} nodes ({kind} over the websocket, "
+            print(f"  [{tag}] registered {res.registered:,} nodes (signed SignedRegister over the websocket, "
                   f"{64 * P} in flight) in {span:.1f} s = {fmt(res.register_rate)}/s; the "
                   f"registry holds {fmt(reg.nodes())}"
                   + (f"; errors {res.register_errors}" if res.register_errors else ""),
@@ -1154,7 +1145,7 @@ def measure_etcd(exe: str, workdir: Path, args: argparse.Namespace) -> dict:
 # ================================================================ main
 
 FULL_CASES = ("session:actor:1:64,session:raw:1:64,session:raw:500:500,signed:actor:1:64,"
-              "signed:raw:1:64,noverify:raw:1:64,unsigned:raw:1:64")
+              "signed:raw:1:64,noverify:raw:1:64")
 QUICK_CASES = "session:actor:1:64,session:raw:1:64,signed:raw:1:64"
 
 
