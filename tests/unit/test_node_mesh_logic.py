@@ -104,3 +104,19 @@ def test_inbox_keeps_payloads_as_text_and_shows_them_parsed():
     assert [i["payload"] for i in inbox.since(0)] == [{"a": [1, {}]}, "not json"]
     # what it holds is the text: a peer's payload costs its size, not ~20x
     assert all(isinstance(i["payload"], str) for i in inbox._items)
+
+
+def test_the_mesh_forgets_old_backoffs_and_trims_its_peer_cache():
+    """Both tables used to keep every peer ever seen, gone ones too."""
+    from trustnet.node.mesh import forget_old_backoffs, trim_known
+
+    backoff = {"old": (5, 100.0), "recent": (2, 150.0), "waiting": (1, 300.0)}
+    forget_old_backoffs(backoff, now=200.0, horizon=60.0)
+    assert set(backoff) == {"recent", "waiting"}
+
+    known = {f"p{i}": {"address": f"ws://[::1]:{i + 1}"} for i in range(10)}
+    trim_known(known, keep={"p3", "p7"}, limit=10)
+    assert len(known) == 10  # within the limit: a cache is left alone
+    known["p10"] = {"address": "ws://[::1]:11"}
+    trim_known(known, keep={"p3", "p7"}, limit=10)
+    assert set(known) == {"p3", "p7"}

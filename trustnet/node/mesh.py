@@ -32,6 +32,7 @@ only the target delivers it.
 from __future__ import annotations
 
 import logging
+from collections import deque
 from typing import Any
 
 import attrs
@@ -65,6 +66,24 @@ log = logging.getLogger("trustnet.node.mesh")
 
 MESH_ACTOR = "mesh"
 HANDSHAKE_TIMEOUT = 10.0
+KNOWN_LIMIT = 1024  # peers' addresses and keys kept from the registry's answers
+EVENTS_LIMIT = 1000
+
+
+def forget_old_backoffs(backoff: dict[str, tuple[int, float]], now: float,
+                        horizon: float) -> None:
+    """Drop the backoff of peers whose wait ended more than `horizon` ago:
+    without it the table keeps every peer that ever failed, gone ones too."""
+    for peer in [p for p, (_, until) in backoff.items() if now - until > horizon]:
+        del backoff[peer]
+
+
+def trim_known(known: dict[str, dict[str, Any]], keep: set[str], limit: int) -> None:
+    """Past `limit` entries, keep only the peers in `keep` (linked, dialled,
+    in a handshake): the rest is a cache, asked again when needed."""
+    if len(known) > limit:
+        for peer in [p for p in known if p not in keep]:
+            del known[peer]
 
 
 @attrs.define
@@ -103,7 +122,8 @@ class MeshActor(Actor):
         self.challenges = node.rng("challenge")
         self.last_rotate = 0.0
         self.last_made_room = -float("inf")
-        self.events: list[tuple[float, str, str]] = []  # (time, event, peer): for tests
+        # (time, event, peer), the latest EVENTS_LIMIT: for tests
+        self.events: deque[tuple[float, str, str]] = deque(maxlen=EVENTS_LIMIT)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -202,6 +222,9 @@ class MeshActor(Actor):
         now = trio.current_time()
         for peer in [p for p, pend in self.pending_in.items() if now - pend.since > HANDSHAKE_TIMEOUT]:
             del self.pending_in[peer]
+        forget_old_backoffs(self.backoff, now, self.p.backoff_max)
+        trim_known(self.known, self.links.keys() | self.dialing.keys() | self.pending_in.keys(),
+                   KNOWN_LIMIT)
         if (now - self.last_rotate >= self.p.rotate_interval
                 and len(self.links) >= self.p.max_connections):
             self.last_rotate = now
