@@ -4,6 +4,7 @@ speaks trustnet.registry.node_protocol and checks signatures."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 
 import orjson
@@ -363,4 +364,51 @@ async def test_a_direct_message_from_a_full_node_does_not_exceed_its_links(seede
         await trio.sleep(3.0)
         for target, answer in zip(strangers, answers):
             assert cluster.inbox_count(target, answer["id"]) == 1, target
+        nursery.cancel_scope.cancel()
+
+
+async def test_unproven_handshakes_do_not_hold_link_slots(seeded, autojump_clock):
+    """Anyone can start a handshake in a registered node's name and never
+    prove it. Those used to count as links for 10 s each, so a process
+    repeating them kept a node from dialling for the links it lacked. Now
+    they are bounded apart (and the room is checked again at a proof)."""
+    from actors import ActorError
+    from trustnet.node.messages import LinkHello
+
+    cluster = Cluster(seed=3, n=8, max_connections=3)
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery)
+        await settle(cluster, list(cluster.names), limit=120)
+        victim = "n00"
+        squatter = format_address("fd10:1234::66", 9000)
+
+        async def squat(transport: SimTransport) -> None:
+            system = ActorSystem(transport=transport)
+            async with trio.open_nursery() as inner:
+                await inner.start(system.serve)
+                mesh = system.ref("mesh", address_of(victim))
+                while True:
+                    for name in cluster.names:
+                        if name != victim:
+                            with contextlib.suppress(ActorError):
+                                await mesh.ask(LinkHello(name, squatter, victim, "00" * 16,
+                                                         links=1), timeout=1.0)
+                    await trio.sleep(4.0)
+
+        # One of the victim's links goes, and a node it has no link with (6
+        # nodes are left, room for 3 links each); the squatting starts at once.
+        lost = sorted(cluster.mesh(victim).links)[0]
+        other = next(n for n in cluster.names
+                     if n not in (victim, lost) and n not in cluster.mesh(victim).links)
+        for name in (lost, other):
+            cluster.net.crash(address_of(name))
+        await cluster.net.start_process(nursery, squatter, squat)
+        await trio.sleep(120.0)
+        mesh = cluster.mesh(victim)
+        assert mesh.pending_in  # the squatter's handshakes are there...
+        # ...and hold no slot: with a link short, the node still sees room and
+        # dials (before, they counted, and it sat below its links)
+        assert len(mesh.links) == cluster.max_connections or \
+            mesh.occupied < cluster.max_connections, (sorted(mesh.links), sorted(mesh.pending_in))
+        assert lost not in mesh.links
         nursery.cancel_scope.cancel()

@@ -138,7 +138,10 @@ class MeshActor(Actor):
 
     @property
     def occupied(self) -> int:
-        return len(self.links.keys() | self.dialing.keys() | self.pending_in.keys())
+        """Links open or being dialled. Inbound handshakes are not counted
+        (anyone can start one with a registered name and never prove it):
+        they are bounded apart, and room is checked again at their proof."""
+        return len(self.links.keys() | self.dialing.keys())
 
     # ------------------------------------------------------------ letters
 
@@ -249,7 +252,9 @@ class MeshActor(Actor):
                                     "public_key": cand.get("public_key")}
             except (KeyError, ValueError, TypeError):
                 continue
-            if (peer in self.links or peer in self.dialing or peer in self.pending_in
+            # (A handshake pending in its name is no reason to wait: anyone
+            # can start one; a real crossing dial is settled by dial_race.)
+            if (peer in self.links or peer in self.dialing
                     or self.backoff.get(peer, (0, 0.0))[1] > now):
                 continue
             (same if cand.get("domain") == self.p.domain else other).append(peer)
@@ -345,6 +350,9 @@ class MeshActor(Actor):
             raise Refused("invalid", "a node does not link to itself")
         if peer in self.dialing and self.me < peer:
             raise Refused("dial_race", f"{self.me!r} is dialling {peer!r}")
+        if peer not in self.pending_in and len(self.pending_in) >= self.p.max_connections:
+            raise Refused("busy", f"{self.me!r} has {len(self.pending_in)} link handshakes "
+                                  "under way")
         isolated = hello.links == 0
         self._check_room(peer, isolated)
         known = await self._lookup(peer)
@@ -392,6 +400,11 @@ class MeshActor(Actor):
             # name, and a report would lower the reputation of its real owner.
             # (A node we dial at its registered address that fails is reported.)
             raise Refused("auth_failed", f"{peer!r} did not prove it holds its registered key")
+        if (peer not in self.links and not pending.make_room
+                and len((self.links.keys() | self.dialing.keys()) - {peer})
+                >= self.p.max_connections):
+            self.pending_in.pop(peer, None)  # the room went to others meanwhile
+            raise Refused("full", f"{self.me!r} has {self.p.max_connections} links already")
         try:
             await self._open_link(peer, pending.address, "in")
         finally:
@@ -513,10 +526,9 @@ class MeshActor(Actor):
             if await self._lookup(target) is None:
                 raise Refused("not_found", f"the registry lists no node {target!r}")
             # A link on demand only with room for it (else the message is
-            # flooded toward its target) and not beside a dial or handshake
-            # with the target already under way (two would spoil each other).
-            if (target not in self.dialing and target not in self.pending_in
-                    and self.occupied < self.p.max_connections):
+            # flooded toward its target) and not beside a dial to the target
+            # already under way (two would spoil each other's handshake).
+            if target not in self.dialing and self.occupied < self.p.max_connections:
                 try:
                     await self._dial(target)
                 finally:
