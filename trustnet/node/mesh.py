@@ -401,8 +401,7 @@ class MeshActor(Actor):
             # (A node we dial at its registered address that fails is reported.)
             raise Refused("auth_failed", f"{peer!r} did not prove it holds its registered key")
         if (peer not in self.links and not pending.make_room
-                and len((self.links.keys() | self.dialing.keys()) - {peer})
-                >= self.p.max_connections):
+                and self.occupied - (peer in self.dialing) >= self.p.max_connections):
             self.pending_in.pop(peer, None)  # the room went to others meanwhile
             raise Refused("full", f"{self.me!r} has {self.p.max_connections} links already")
         try:

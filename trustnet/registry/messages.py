@@ -5,9 +5,9 @@ behind the API key when one is set) are local (`message(..., local=True)`):
 refused from the network, so a process that reaches the actor port cannot
 skip the key. Reads are open, as over HTTP (a node asks GetNode for a
 peer's key). Nodes write with node_protocol's signed messages; replicas
-forward heartbeats as LeaderHeartbeat. The
-actor turns writes into registry commands (commands.py), stamping the time,
-so `apply` itself stays deterministic.
+forward heartbeats as LeaderHeartbeat. The actor turns writes into registry
+commands (commands.py), stamping the time, so `apply` itself stays
+deterministic.
 """
 
 from __future__ import annotations
