@@ -15,7 +15,9 @@ own links at random to make room for it (at most once per `maintain_every`).
 Without that, in a mesh where every node is at its limit, which is where a
 mesh larger than max_connections settles, a node that joins late would wait
 for a rotation (minutes) to get a first link. When both sides dial each
-other at once, the dial from the smaller name wins ("dial_race").
+other at once, the dial from the smaller name wins ("dial_race"): the
+smaller refuses the other's hello while it dials, or the other's proof if
+its own dial started after that hello.
 
 A lost link (three missed pongs) is closed, reported, and the peer is backed
 off (jittered exponential) before it is dialled again. Every `rotate_interval`
@@ -368,14 +370,26 @@ class MeshActor(Actor):
     def _check_room(self, peer: str, isolated: bool) -> bool:
         """Refused("full") if there is no room for `peer`; True if there is
         only because a link will be dropped for it (it has none)."""
+        # Our own dial to `peer`, if any, holds the slot its link would take.
         if (peer in self.links or peer in self.pending_in
-                or self.occupied < self.p.max_connections):
+                or self.occupied - (peer in self.dialing) < self.p.max_connections):
             return False
         if (isolated and self.links
                 and trio.current_time() - self.last_made_room >= self.p.maintain_every
                 and not any(pend.make_room for pend in self.pending_in.values())):
             return True
         raise Refused("full", f"{self.me!r} has {self.p.max_connections} links already")
+
+    def _crossed(self, peer: str, pending: PendingIn) -> bool:
+        """Did our dial to `peer` cross its dial to us? Its hello came before
+        ours was under way (else the hello was refused), so both handshakes
+        ran; each side must keep the same one, the dial from the smaller
+        name, or each ends up keeping the other's (both "in"). A link of
+        ours older than its hello is a stale one it is replacing (say it
+        restarted) and does not count."""
+        mine = self.links.get(peer)
+        return peer in self.dialing or (
+            mine is not None and mine.direction == "out" and mine.since >= pending.since)
 
     async def _make_room(self, newcomer: str) -> None:
         """Drop a random link (not the newcomer's) while over the limit."""
@@ -400,6 +414,9 @@ class MeshActor(Actor):
             # name, and a report would lower the reputation of its real owner.
             # (A node we dial at its registered address that fails is reported.)
             raise Refused("auth_failed", f"{peer!r} did not prove it holds its registered key")
+        if self.me < peer and self._crossed(peer, pending):
+            self.pending_in.pop(peer, None)
+            raise Refused("dial_race", f"{self.me!r} dialled {peer!r} meanwhile")
         if (peer not in self.links and not pending.make_room
                 and self.occupied - (peer in self.dialing) >= self.p.max_connections):
             self.pending_in.pop(peer, None)  # the room went to others meanwhile
