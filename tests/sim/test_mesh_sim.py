@@ -444,3 +444,25 @@ def test_crossing_dials_settle_on_one_dialler():
         outcomes[seed] = outcome
     assert {o for o in outcomes.values()} <= {("in", "out"), ("out", "in")}, \
         {s: o for s, o in outcomes.items() if set(o) != {"in", "out"}}
+
+
+async def test_a_replaced_links_loss_does_not_close_its_successor(seeded, autojump_clock):
+    """A PeerLinkActor that lost its peer tells the mesh; if the link was
+    replaced meanwhile (the peer dialled again), that report sits in the
+    mailbox and used to close the new link too."""
+    from trustnet.node.messages import LinkLost
+
+    cluster = Cluster(seed=6, n=3, max_connections=2)
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery)
+        await settle(cluster, cluster.names, limit=30)
+        mesh = cluster.mesh("n00")
+        peer = sorted(mesh.links)[0]
+        current = mesh.links[peer]
+        await mesh.ref.tell(LinkLost(peer, "3 missed pongs", current.serial - 1))
+        await trio.sleep(0.5)
+        assert mesh.links.get(peer) is current
+        await mesh.ref.tell(LinkLost(peer, "3 missed pongs", current.serial))
+        await trio.sleep(0.5)
+        assert mesh.links.get(peer) is not current
+        nursery.cancel_scope.cancel()

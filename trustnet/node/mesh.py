@@ -94,6 +94,7 @@ class LinkInfo:
     address: str
     direction: str  # "in" | "out"
     since: float
+    serial: int  # this process's count of links opened, told back in LinkLost
 
 
 @attrs.define
@@ -113,6 +114,7 @@ class MeshActor(Actor):
         self.me = node.node_id
         self.links_sup = links
         self.links: dict[str, LinkInfo] = {}
+        self.opened = 0  # links opened so far: the next link's serial
         self.dialing: dict[str, float] = {}
         self.pending_in: dict[str, PendingIn] = {}
         self.backoff: dict[str, tuple[int, float]] = {}  # peer -> (failures, not before)
@@ -178,8 +180,8 @@ class MeshActor(Actor):
                 return None
             case Direct():
                 return self._on_direct(msg)
-            case LinkLost(peer, reason):
-                if peer in self.links:
+            case LinkLost(peer, reason, serial):
+                if peer in self.links and self.links[peer].serial == serial:
                     await self._close(peer, reason, notify=True)
                     self._back_off(peer)
                 return None
@@ -437,9 +439,11 @@ class MeshActor(Actor):
             await self._close(peer, "replaced", notify=False)
         name = link_name(peer)
         mesh = self.ref
+        self.opened += 1
+        serial = self.opened
 
         def start() -> PeerLinkActor:
-            return PeerLinkActor(self.node, mesh, peer, address, direction)
+            return PeerLinkActor(self.node, mesh, peer, address, direction, serial)
 
         try:
             await self.links_sup.start_child(ChildSpec(name, start, Restart.TEMPORARY,
@@ -448,7 +452,7 @@ class MeshActor(Actor):
             await self.links_sup.stop_child(name)
             await self.links_sup.start_child(ChildSpec(name, start, Restart.TEMPORARY,
                                                        mailbox_size=100))
-        self.links[peer] = LinkInfo(peer, address, direction, trio.current_time())
+        self.links[peer] = LinkInfo(peer, address, direction, trio.current_time(), serial)
         self.events.append((trio.current_time(), "open", peer))
         log.info("link opened", extra={"peer": peer, "address": address, "direction": direction,
                                        "links": len(self.links)})

@@ -105,6 +105,7 @@ class GetPeers:
 class LinkLost:
     peer: str
     reason: str
+    serial: int  # which link to `peer`: a replaced one's report must not close its successor
 
 
 @message("node.local.heartbeat_status", local=True)

@@ -29,8 +29,10 @@ def link_name(peer: str) -> str:
 
 
 class PeerLinkActor(Actor):
-    def __init__(self, node: NodeContext, mesh: Ref, peer: str, address: str, direction: str):
+    def __init__(self, node: NodeContext, mesh: Ref, peer: str, address: str, direction: str,
+                 serial: int):
         self.node = node
+        self.serial = serial
         self.mesh = mesh
         self.peer = peer
         self.address = address
@@ -78,6 +80,6 @@ class PeerLinkActor(Actor):
         try:
             # Waits while the mesh's mailbox is full (a flood can fill it):
             # dropped, the dead link would stay counted and fed forever.
-            await self.mesh.tell(LinkLost(self.peer, reason))
+            await self.mesh.tell(LinkLost(self.peer, reason, self.serial))
         except ActorError as exc:
             log.debug("mesh not told of lost link", extra={"peer": self.peer, "error": str(exc)})
