@@ -30,8 +30,10 @@ run: $(STAMP)
 # Three replicas of one registry on [::1]: HTTP 8000/8010/8020, Raft and node
 # links on 8001/8011/8021 (configs/cluster/r1.yaml r2.yaml r3.yaml); data
 # under data/cluster/. Ctrl-C stops all three (the leader hands over first).
+# The replicas' shared secret is REGISTRY_CLUSTER_SECRET, or a new random one.
 run-cluster: $(STAMP)
 	mkdir -p data/cluster/r1 data/cluster/r2 data/cluster/r3
+	export REGISTRY_CLUSTER_SECRET=$${REGISTRY_CLUSTER_SECRET:-$$($(PY) -c 'import secrets; print(secrets.token_hex(24))')}; \
 	trap 'kill -TERM $$p1 $$p2 $$p3 2>/dev/null; wait' INT TERM; \
 	$(VENV)/bin/trustnet registry --config configs/cluster/r1.yaml & p1=$$!; \
 	$(VENV)/bin/trustnet registry --config configs/cluster/r2.yaml & p2=$$!; \

@@ -36,15 +36,22 @@ _tag_to_cls: dict[str, type] = {}
 _cls_to_tag: dict[type, str] = {}
 _refusals: dict[str, type[Refused]] = {}
 _local: set[type] = set()  # message(..., local=True)
+_trusted: set[type] = set()  # message(..., trusted=True)
 
 
-def message(tag: str, *, local: bool = False) -> Callable[[type[T]], type[T]]:
+def message(tag: str, *, local: bool = False,
+            trusted: bool = False) -> Callable[[type[T]], type[T]]:
     """Class decorator: a frozen attrs message with the wire tag `tag`.
 
     `local`: the message only ever goes between actors of one process (a
     local API's request, say). It is refused both ways at the wire: sending
     it is a TypeError, and one that arrives anyway is a ProtocolError, so a
-    remote process cannot make an actor do what only its own process may ask."""
+    remote process cannot make an actor do what only its own process may ask.
+
+    `trusted`: the message crosses the wire, but a transport accepts it only
+    on a trusted link (the websocket transport: one whose peer proved the
+    shared secret, see actors.ws); on any other link it is a ProtocolError.
+    For what only the members of a group of processes may tell each other."""
 
     def wrap(cls: type[T]) -> type[T]:
         if not attrs.has(cls):
@@ -56,6 +63,8 @@ def message(tag: str, *, local: bool = False) -> Callable[[type[T]], type[T]]:
         _cls_to_tag[cls] = tag
         if local:
             _local.add(cls)
+        if trusted:
+            _trusted.add(cls)
         return cls
 
     return wrap
@@ -69,6 +78,17 @@ def refusal(cls: type[Refused]) -> type[Refused]:
 
 def tag_of(cls: type) -> str:
     return _cls_to_tag[cls]
+
+
+def check_trust(envelopes: list["Envelope"], trusted: bool) -> None:
+    """ProtocolError if a link that is not trusted carried an ask or tell
+    whose message is declared trusted (replies answer our own asks)."""
+    if trusted:
+        return
+    for env in envelopes:
+        if env.kind in ("ask", "tell") and type(env.body) in _trusted:
+            raise ProtocolError(f"message {_cls_to_tag[type(env.body)]!r} is only accepted "
+                                "on a trusted link (a peer that proved the shared secret)")
 
 
 class WireTypeError(TypeError):

@@ -160,6 +160,9 @@ class SimTransport:
                     continue  # crashed: what was queued is lost
                 try:
                     env = codec.decode(data)
+                    # Processes marked untrusted stand for strangers on a
+                    # real network (no shared secret: see actors.linkauth).
+                    codec.check_trust([env], src not in self._net.untrusted)
                 except ProtocolError as exc:
                     # Like the websocket transport: the link to the peer that
                     # sent garbage is dropped; the process keeps serving.
@@ -208,6 +211,9 @@ class SimNetwork:
         self._fifo_due: dict[tuple[str, str], float] = {}  # per link: due time of its last frame
         self._wake: trio.Event | None = None
         self._running = False
+        # Addresses whose links are not trusted (start_process(trusted=False)):
+        # what they send that is declared `trusted` is a ProtocolError.
+        self.untrusted: set[str] = set()
 
     # -- endpoints and processes
     def transport(self, address: str) -> SimTransport:
@@ -218,13 +224,18 @@ class SimNetwork:
         transport = self._current[address] = SimTransport(self, address)
         return transport
 
-    async def start_process(self, nursery: trio.Nursery, address: str, main: Main) -> None:
+    async def start_process(self, nursery: trio.Nursery, address: str, main: Main, *,
+                            trusted: bool = True) -> None:
         """Run `await main(transport)` in `nursery` under its own cancel scope.
 
         The network's pump also starts in `nursery` if it is not running yet.
+        `trusted=False`: a process without the group's secret, whose
+        `trusted` messages everyone refuses.
         """
         if address in self._procs:
             raise ValueError(f"a process is already registered at {address}")
+        if not trusted:
+            self.untrusted.add(address)
         if not self._running:
             await nursery.start(self.run)
         self._procs[address] = _Process(main, nursery)

@@ -14,6 +14,16 @@ Framing
     connection carries traffic both ways: replies (and any other send) to the
     dialler go back over it, and nobody dials a peer it is already linked to.
 
+Trust
+    A transport built with a `secret` (shared by a group of processes, e.g.
+    the replicas of one registry) puts a proof of it in every hello it sends
+    and answers a hello that proves it with a welcome frame (actors.linkauth).
+    A connection is trusted once the other side's proof checked out; only a
+    trusted connection may carry messages declared `message(..., trusted=True)`,
+    anything else sending one is a ProtocolError. Hellos without a proof are
+    served as before (other processes share the port); a wrong proof or
+    welcome closes the connection (1002).
+
 Links
     A link is everything about one peer address: its live connections
     (normally one; two for a while when both sides dial at once, the newest
@@ -70,11 +80,12 @@ from . import codec
 from .codec import Envelope
 from .errors import MailboxFull, ProtocolError, Unreachable
 from .groups import collapsed
+from .linkauth import ProofChecker, check_welcome, hello_proof, welcome_frame
 from .transport import Deliver, LinkDown
 
 __all__ = [
     "WebsocketTransport", "batch_frames", "decode_frame", "format_address", "hello_frame",
-    "normalize_address", "parse_address", "parse_hello",
+    "normalize_address", "parse_address", "parse_hello", "read_hello",
 ]
 
 log = logging.getLogger("actors.ws")
@@ -142,27 +153,39 @@ def normalize_address(address: str) -> str:
 
 # ---------------------------------------------------------------- frames
 
-def hello_frame(address: str) -> str:
-    return orjson.dumps({"hello": address, "version": HELLO_VERSION}).decode()
+def hello_frame(address: str, proof: dict | None = None) -> str:
+    hello = {"hello": address, "version": HELLO_VERSION}
+    if proof is not None:
+        hello["proof"] = proof
+    return orjson.dumps(hello).decode()
 
 
 def parse_hello(frame: str | bytes) -> str:
     """The dialler's (normalised) address from its hello; ProtocolError if it is not one."""
+    return read_hello(frame)[0]
+
+
+def read_hello(frame: str | bytes) -> tuple[str, object]:
+    """The dialler's (normalised) address and its proof of the shared secret
+    (None if it gave none; see actors.linkauth); ProtocolError if the frame
+    is not a hello."""
     if not isinstance(frame, str):
         raise ProtocolError("the hello must be a text frame")
     try:
         data = orjson.loads(frame)
     except orjson.JSONDecodeError as exc:
         raise ProtocolError(f"the hello is not JSON: {exc}") from None
-    if not isinstance(data, dict) or set(data) != {"hello", "version"}:
-        raise ProtocolError('the hello must be {"hello": "ws://...", "version": 1}')
+    if not isinstance(data, dict) or not {"hello", "version"} <= set(data) <= {
+            "hello", "version", "proof"}:
+        raise ProtocolError('the hello must be {"hello": "ws://...", "version": 1}'
+                            ' (and an optional "proof")')
     version, address = data["version"], data["hello"]
     if type(version) is not int or version != HELLO_VERSION:
         raise ProtocolError(f"unsupported hello version {version!r} (want {HELLO_VERSION})")
     if not isinstance(address, str):
         raise ProtocolError("the hello address must be a string")
     try:
-        return normalize_address(address)
+        return normalize_address(address), data.get("proof")
     except ValueError as exc:
         raise ProtocolError(f"bad hello address: {exc}") from None
 
@@ -190,13 +213,18 @@ def batch_frames(frames: list[str]) -> str:
 class _Connection:
     """One websocket of a link, with what the logs say about it."""
 
-    __slots__ = ("ws", "remote", "direction", "since")
+    __slots__ = ("ws", "remote", "direction", "since", "trusted", "welcome_nonce")
 
-    def __init__(self, ws: WebSocketConnection):
+    def __init__(self, ws: WebSocketConnection, *, trusted: bool = False,
+                 welcome_nonce: str | None = None):
         self.ws = ws
         self.remote = _endpoint(ws)  # read now: the socket may be gone when we log its end
         self.direction: Literal["in", "out"] = "out" if ws.is_client else "in"
         self.since = trio.current_time()
+        # The peer proved the shared secret: it may send `trusted` messages.
+        self.trusted = trusted
+        # Our hello carried a proof with this nonce: a welcome may come first.
+        self.welcome_nonce = welcome_nonce
 
 
 class _Link:
@@ -263,6 +291,7 @@ class WebsocketTransport:
         backoff_initial: float = 0.05,
         backoff_max: float = 5.0,
         rng: random.Random | None = None,
+        secret: bytes | None = None,
     ):
         """
         host:      the interface to listen on; "::" listens on every IPv6
@@ -280,6 +309,9 @@ class WebsocketTransport:
         close_timeout: bound on a close handshake.
         backoff_initial, backoff_max: the reconnect backoff (module doc).
         rng:       the jitter's source, seeded in tests that need replay.
+        secret:    shared by a group of processes (actors.linkauth): links
+                   between two of them are trusted and may carry messages
+                   declared `trusted`; links to anyone else may not.
         """
         self.host = host
         self.port = port
@@ -292,6 +324,10 @@ class WebsocketTransport:
         self.backoff_initial = backoff_initial
         self.backoff_max = backoff_max
         self._rng = rng or random.Random()
+        if secret is not None and not secret:
+            raise ValueError("an empty secret; pass None for no secret")
+        self._secret = secret
+        self._proofs = ProofChecker(secret) if secret is not None else None
 
         self._sock: socket.socket | None = self._bind()
         self.port = self._sock.getsockname()[1]
@@ -432,6 +468,14 @@ class WebsocketTransport:
         peer = await self._receive_hello(conn)
         if peer is None:
             return
+        if conn.trusted:
+            try:
+                await conn.ws.send_message(orjson.dumps(
+                    welcome_frame(self._secret, conn.welcome_nonce)).decode())  # type: ignore[arg-type]
+            except ConnectionClosed as closed:
+                self._note_closed(conn, peer, closed.reason)
+                return
+            conn.welcome_nonce = None
         try:
             link = self._link(peer)
         except Unreachable:  # we are shutting down
@@ -450,8 +494,11 @@ class WebsocketTransport:
                 self._note_closed(conn, conn.remote, closed.reason)
                 return None
             try:
-                peer = parse_hello(frame)
+                peer, proof = read_hello(frame)
                 _check_origin(peer, conn.ws)
+                if proof is not None and self._proofs is not None:
+                    conn.welcome_nonce = self._proofs.check(peer, proof)
+                    conn.trusted = True
                 return peer
             except ProtocolError as exc:
                 await self._reject(conn, conn.remote, exc)
@@ -585,6 +632,10 @@ class WebsocketTransport:
                                                     local_address=self._source)
             # We own the TCP stream so that it is closed however the link ends
             # (trio-websocket leaves it open when the peer just vanishes).
+            hello, nonce = self._hello, None
+            if self._secret is not None:  # a fresh proof per connection
+                proof = hello_proof(self._secret, self.address)
+                hello, nonce = hello_frame(self.address, proof), proof["nonce"]
             with collapsed():
                 async with stream, trio.open_nursery() as nursery:
                     with trio.fail_after(self.connect_timeout):
@@ -592,9 +643,10 @@ class WebsocketTransport:
                             nursery, stream, link.http_host, "/",
                             max_message_size=self.max_frame_bytes,
                             receive_buffer_size=RECEIVE_BUFFER)
-                        await ws.send_message(self._hello)
+                        await ws.send_message(hello)
                     up = True
-                    await self._run_connection(link, _Connection(ws), task_status=task_status)
+                    await self._run_connection(link, _Connection(ws, welcome_nonce=nonce),
+                                               task_status=task_status)
                     # The websocket's own reader task finishes the close
                     # handshake, then ends when the TCP stream does; give it
                     # close_timeout to do so.
@@ -625,8 +677,20 @@ class WebsocketTransport:
             except ConnectionClosed as closed:
                 self._note_closed(conn, link.peer, closed.reason)
                 return
+            if conn.welcome_nonce is not None:
+                nonce, conn.welcome_nonce = conn.welcome_nonce, None
+                welcome = _welcome(frame)
+                if welcome is not None:
+                    try:
+                        check_welcome(self._secret, nonce, welcome)  # type: ignore[arg-type]
+                    except ProtocolError as exc:
+                        await self._reject(conn, link.peer, exc)
+                        return
+                    conn.trusted = True
+                    continue
             try:
                 envelopes = decode_frame(frame)
+                codec.check_trust(envelopes, conn.trusted)
             except ProtocolError as exc:
                 await self._reject(conn, link.peer, exc)
                 return
@@ -750,6 +814,16 @@ def _source_address(address: str) -> str | None:
     except ValueError:
         return None  # a host name: let the kernel choose
     return None if ip.is_unspecified else ip.compressed
+
+
+def _welcome(frame: str | bytes) -> object:
+    """The parsed frame if it is an acceptor's welcome (actors.linkauth), else None."""
+    if not isinstance(frame, str) or not frame.startswith('{"welcome"'):
+        return None
+    try:
+        return orjson.loads(frame)
+    except orjson.JSONDecodeError:
+        return None
 
 
 def _speaks_for(sender: str, peer: str) -> bool:

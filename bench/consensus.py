@@ -49,6 +49,7 @@ import os
 import re
 import resource
 import selectors
+import secrets
 import shutil
 import signal
 import socket
@@ -335,6 +336,7 @@ class TrustNetCluster(Cluster):
                  for rid, ws in zip(self.ids, self.ws_ports)]
         env = {k: v for k, v in os.environ.items()
                if not k.startswith("REGISTRY_") and k not in ("LOG_LEVEL", "LOG_FORMAT")}
+        env["REGISTRY_CLUSTER_SECRET"] = secrets.token_hex(24)  # the replicas' shared secret
         self.members = []
         for rid, port, ws in zip(self.ids, self.http_ports, self.ws_ports):
             (self.dir / rid).mkdir()

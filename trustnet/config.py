@@ -139,6 +139,8 @@ NonEmptyStr = NewType("NonEmptyStr", str)
 """A string that is not empty or only whitespace."""
 ApiKey = NewType("ApiKey", str)
 """A secret token: non-empty, no whitespace or control characters."""
+ClusterSecret = NewType("ClusterSecret", str)
+"""The replicas' shared secret: an ApiKey of at least 16 characters."""
 ReplicaId = NewType("ReplicaId", str)
 """A replica id: 1..64 of letters, digits, '-', '_' and '.'."""
 WsAddress = NewType("WsAddress", str)
@@ -274,6 +276,17 @@ def _api_key(value: object, _t: Any) -> str:
     return value
 
 
+CLUSTER_SECRET_MIN = 16
+
+
+def _cluster_secret(value: object, t: Any) -> str:
+    value = _api_key(value, t)
+    if len(value) < CLUSTER_SECRET_MIN:
+        raise FieldError(f"must be at least {CLUSTER_SECRET_MIN} characters "
+                         "(e.g. `openssl rand -hex 24`)")
+    return value
+
+
 # --------------------------------------------------------------------------- converter
 
 
@@ -335,6 +348,7 @@ def make_converter() -> cattrs.Converter:
     conv.register_structure_hook(LogFormat, _one_of(LOG_FORMATS))
     conv.register_structure_hook(NonEmptyStr, _non_empty_str)
     conv.register_structure_hook(ApiKey, _api_key)
+    conv.register_structure_hook(ClusterSecret, _cluster_secret)
     conv.register_structure_hook(ReplicaId, replica_id)
     conv.register_structure_hook(WsAddress, ws_address)
     conv.register_structure_hook_factory(_is_list, _list_hook_factory)
@@ -618,7 +632,10 @@ class ReplicationConfig:
     founder but is added to a running group (``POST /cluster/members``): it
     starts with an empty log and takes the group's members from the leader,
     instead of founding a group of ``peers``. ``interval`` is accepted for
-    compatibility with older files and ignored.
+    compatibility with older files and ignored. ``secret`` (environment
+    only: ``REGISTRY_CLUSTER_SECRET``, the same on every replica) is how
+    replicas know each other: only links that prove it may carry Raft
+    messages and forwarded requests (actors.linkauth).
     """
 
     enabled: bool = False
@@ -630,6 +647,8 @@ class ReplicationConfig:
     election_ticks: PositiveInt = PositiveInt(15)
     snapshot_threshold: PositiveInt = PositiveInt(10_000)
     interval: Duration = Duration(60.0)  # deprecated, ignored
+    secret: ClusterSecret | None = attrs.field(default=None, repr=False,
+                                               metadata={"secret": True})
 
 
 @attrs.frozen
@@ -686,6 +705,7 @@ REGISTRY_ENV_VARS: Mapping[str, str] = types.MappingProxyType({
     "REGISTRY_REPLICA_ID": "replication.id",
     "REGISTRY_PEERS": "replication.peers",
     "REGISTRY_REPLICA_JOIN": "replication.join",
+    "REGISTRY_CLUSTER_SECRET": "replication.secret",
 })
 """Environment variable -> dotted field of :class:`RegistryConfig`, applied after the file."""
 
@@ -705,6 +725,10 @@ def check_replication(config: RegistryConfig, source: str) -> None:
     if r.id is None:
         raise ConfigError(source, "replication.id",
                           "is required when replication is enabled (or set REGISTRY_REPLICA_ID)")
+    if r.secret is None:
+        raise ConfigError(source, "replication.secret",
+                          "is required when replication is enabled: set REGISTRY_CLUSTER_SECRET, "
+                          "the same on every replica (e.g. `openssl rand -hex 24`)")
     seen: set[str] = set()
     for i, peer in enumerate(r.peers):
         if peer.id in seen:

@@ -16,11 +16,13 @@ import contextlib
 import itertools
 import os
 import random
+import secrets
 import signal
 import socket
 import time
 
 import httpx
+import pytest
 import trio
 
 from node_process import NodeProcess
@@ -55,6 +57,7 @@ class Cluster:
         self.procs: dict[str, RegistryProcess] = {}
         self.all: list[RegistryProcess] = []
         self.stopped: set[str] = set()  # SIGSTOPped
+        self.secret = secrets.token_hex(24)  # REGISTRY_CLUSTER_SECRET, shared by the replicas
 
     def address(self, rid: str) -> str:
         return f"ws://[::1]:{self.ws[rid]}"
@@ -70,7 +73,8 @@ class Cluster:
 
     async def start(self, rid: str, join: bool = False) -> None:
         (self.tmp_path / rid).mkdir(exist_ok=True)
-        proc = RegistryProcess(self.tmp_path / rid, config=self.config(rid, join), name=rid)
+        proc = RegistryProcess(self.tmp_path / rid, config=self.config(rid, join), name=rid,
+                               env={"REGISTRY_CLUSTER_SECRET": self.secret})
         self.all.append(proc)
         self.procs[rid] = proc
         await proc.start(self.nursery)
@@ -453,3 +457,53 @@ async def test_a_node_moves_to_the_next_replica_when_its_replica_dies(tmp_path):
         h = await _node_health(client, api)
         assert h["sessions_opened"] == 1 and h["registered"], h
         assert not node.logs("heartbeat session refused, opening a new one")
+
+
+async def test_only_replicas_speak_raft_and_forward_writes(tmp_path):
+    """Every node reaches the replicas' websocket port. A process there
+    without the cluster secret could once propose any registry command (a
+    delete, bypassing the API key), send Raft messages, and renew any
+    node's lease unsigned. Each of those now closes its connection with a
+    ProtocolError, and the group goes on."""
+    from actors import ActorError, ActorSystem
+    from actors.ws import WebsocketTransport
+    from trustnet.consensus.actor import Propose, RaftEnvelope
+    from trustnet.consensus.messages import Heartbeat as RaftHeartbeat
+    from trustnet.registry.commands import DeleteNode
+    from trustnet.registry.messages import LeaderHeartbeat
+
+    async with trio.open_nursery() as nursery:
+        cluster = Cluster(tmp_path, nursery)
+        try:
+            await cluster.start_all()
+            async with httpx.AsyncClient() as client:
+                leader = await cluster.leader(client, timeout=15)
+                r = await client.post(cluster.url(leader) + "/nodes",
+                                      json={"id": "victim", "ipv6": "fd00::1"}, timeout=5.0)
+                assert r.status_code == 201, r.text
+                intruder = ActorSystem(transport=WebsocketTransport("::1", unreachable_after=1.0))
+                await nursery.start(intruder.serve)
+                marks = {rid: len(cluster.procs[rid].lines) for rid in IDS}
+                raft = RaftEnvelope("ws://[::1]:1", RaftHeartbeat(term=10**6, from_id="r9",
+                                                                   to_id=leader, commit=0))
+                for rid in IDS:
+                    consensus = intruder.ref("consensus", cluster.address(rid))
+                    registry = intruder.ref("registry", cluster.address(rid))
+                    for ref, msg in ((consensus, Propose(DeleteNode("victim"), "evil-1")),
+                                     (consensus, raft), (registry, LeaderHeartbeat("victim"))):
+                        with pytest.raises(ActorError):
+                            await ref.ask(msg, timeout=5.0)
+                for rid in IDS:
+                    refused = cluster.procs[rid].logs("protocol error, closing link", start=marks[rid])
+                    assert len(refused) == 3 and all(
+                        "only accepted on a trusted link" in d["error"] for d in refused), refused
+                assert await cluster.leader(client, timeout=15) == leader  # no term bump
+                for rid in IDS:
+                    r = await client.get(cluster.url(rid) + "/nodes/victim", timeout=5.0)
+                    assert r.status_code == 200, (rid, r.text)
+                r = await client.post(cluster.url(leader) + "/nodes",
+                                      json={"id": "after", "ipv6": "fd00::2"}, timeout=5.0)
+                assert r.status_code == 201, r.text
+        finally:
+            await cluster.aclose()
+            nursery.cancel_scope.cancel()

@@ -43,6 +43,11 @@ class Note:
     text: str
 
 
+@message("simnet-test.members-only", trusted=True)
+class MembersOnly:
+    text: str
+
+
 class Echo(Actor):
     """Answers Ping(n) with Pong(n) (after `slow` seconds); records Notes."""
 
@@ -51,7 +56,7 @@ class Echo(Actor):
         self.notes: list[tuple[float, str]] = []  # (arrival time, text)
 
     async def receive(self, msg):
-        if isinstance(msg, Note):
+        if isinstance(msg, (Note, MembersOnly)):
             self.notes.append((trio.current_time(), msg.text))
             return None
         if isinstance(msg, Ping):
@@ -354,6 +359,27 @@ async def test_crash_with_closed_links_fails_pending_asks_at_once(autojump_clock
 
 
 # ----------------------------------------------------------------- garbage
+
+async def test_an_untrusted_process_cannot_send_trusted_messages(autojump_clock, caplog):
+    """Like the websocket transport without the shared secret: a process
+    started trusted=False gets its open messages through, and its trusted
+    ones are ProtocolErrors at the receiver."""
+    caplog.set_level(logging.WARNING, logger="actors.simnet")
+    net = SimNetwork(seed=1, faults=FaultModel())
+    async with trio.open_nursery() as nursery:
+        a, b = await start(nursery, net, "a", "b")
+        stranger = Node("sim://stranger")
+        await net.start_process(nursery, stranger.address, stranger.main, trusted=False)
+        await a.echo_at(b.address).tell(MembersOnly("from a"))
+        await stranger.echo_at(b.address).tell(Note("open"))
+        await stranger.echo_at(b.address).tell(MembersOnly("from the stranger"))
+        await trio.sleep(0.001)
+        assert texts(b) == ["from a", "open"]
+        assert [r.error for r in caplog.records if r.name == "actors.simnet"] == [
+            "ProtocolError: message 'simnet-test.members-only' is only accepted on a trusted "
+            "link (a peer that proved the shared secret)"]
+        nursery.cancel_scope.cancel()
+
 
 async def test_garbage_frame_is_logged_and_the_receiver_keeps_serving(autojump_clock, caplog):
     caplog.set_level(logging.WARNING, logger="actors.simnet")

@@ -22,6 +22,8 @@ from trustnet.config import FieldError, PeerConfig
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "configs" / "registry.yaml"
 
+SECRET = "0123456789abcdef0123"  # a valid REGISTRY_CLUSTER_SECRET
+
 
 def write(tmp_path: Path, text: str, name: str = "registry.yaml") -> Path:
     p = tmp_path / name
@@ -88,7 +90,7 @@ logging: {level: debug, format: text}
 leases: {heartbeat_interval: 150ms, ttl_multiplier: 4, checkpoint_interval: 2}
 http: {max_body_bytes: 1024, request_timeout: 1.5}
 """)
-    c = load_registry_config(p, {})  # a Path works as well as a str
+    c = load_registry_config(p, {"REGISTRY_CLUSTER_SECRET": SECRET})  # a Path works as a str
     assert c.listen.host == "::1" and c.listen.port == 0
     assert c.database.path == "/var/lib/trustnet/r.db"
     assert c.replication.enabled is True
@@ -398,6 +400,7 @@ def test_env_table_is_the_documented_one():
         "REGISTRY_REPLICA_ID": "replication.id",
         "REGISTRY_PEERS": "replication.peers",
         "REGISTRY_REPLICA_JOIN": "replication.join",
+        "REGISTRY_CLUSTER_SECRET": "replication.secret",
     }
 
 
@@ -415,6 +418,7 @@ def test_every_env_var_reaches_its_field():
         "REGISTRY_REPLICA_ID": ("r9", "r9"),
         "REGISTRY_PEERS": ("r1=ws://[::1]:1", [PeerConfig("r1", "ws://[::1]:1")]),
         "REGISTRY_REPLICA_JOIN": ("true", True),
+        "REGISTRY_CLUSTER_SECRET": (SECRET, SECRET),
     }
     assert samples.keys() == REGISTRY_ENV_VARS.keys()
     for var, (text, expected) in samples.items():
@@ -483,7 +487,7 @@ def test_replication_env_and_own_address(tmp_path):
     from trustnet.config import replica_addresses
 
     p = write(tmp_path, 'listen: {host: "::1", ws_port: 8001}\nreplication: {enabled: true}\n')
-    c = load_registry_config(p, {"REGISTRY_REPLICA_ID": "r1",
+    c = load_registry_config(p, {"REGISTRY_REPLICA_ID": "r1", "REGISTRY_CLUSTER_SECRET": SECRET,
                                  "REGISTRY_PEERS": "r2=ws://[::1]:8011, r3=ws://[::1]:8021"})
     assert replica_addresses(c) == {"r1": "ws://[::1]:8001", "r2": "ws://[::1]:8011",
                                     "r3": "ws://[::1]:8021"}
@@ -504,8 +508,26 @@ def test_replication_env_and_own_address(tmp_path):
 ])
 def test_replication_errors(tmp_path, text, env, field):
     with pytest.raises(ConfigError) as info:
-        load_registry_config(write(tmp_path, text + "\n"), env)
+        load_registry_config(write(tmp_path, text + "\n"), {"REGISTRY_CLUSTER_SECRET": SECRET, **env})
     assert info.value.field == field, str(info.value)
+
+
+def test_the_cluster_secret_is_required_long_and_never_in_files(tmp_path):
+    """Replicas authenticate each other with it (actors.linkauth)."""
+    on = write(tmp_path, "listen: {ws_port: 8001}\nreplication: {enabled: true, id: r1}\n")
+    with pytest.raises(ConfigError, match="REGISTRY_CLUSTER_SECRET") as info:
+        load_registry_config(on, {})
+    assert info.value.field == "replication.secret"
+    with pytest.raises(ConfigError, match="at least 16 characters") as info:
+        load_registry_config(on, {"REGISTRY_CLUSTER_SECRET": "short-secret"})
+    assert "short-secret" not in str(info.value)
+    c = load_registry_config(on, {"REGISTRY_CLUSTER_SECRET": SECRET})
+    assert c.replication.secret == SECRET and SECRET not in repr(c)
+    assert redacted(c)["replication"]["secret"] == "***"
+    # A single registry needs none (it has no replicas to trust).
+    assert load_registry_config(None, {}).replication.secret is None
+    with pytest.raises(ConfigError, match="never read from config files"):
+        load_registry_config(write(tmp_path, f"replication: {{secret: {SECRET}}}\n"), {})
 
 
 # ---------------------------------------------------------------- fuzz
@@ -559,7 +581,7 @@ def test_damaged_example_configs_give_one_line_config_errors(tmp_path, example):
     for seed in range(400):
         path.write_text(_mutated_yaml(random.Random(seed), source))
         try:
-            load(str(path), {})
+            load(str(path), {"REGISTRY_CLUSTER_SECRET": SECRET})
             loaded += 1
         except ConfigError as exc:
             assert str(exc).startswith(str(path) + ": ") and "\n" not in str(exc), seed

@@ -90,6 +90,12 @@ class Blob:
     data: str
 
 
+@message("test.ws.Secret", trusted=True)
+class Secret:
+    """Only accepted on a link whose peer proved the shared secret."""
+    text: str
+
+
 @refusal
 class WsOutOfStock(Refused):
     pass
@@ -102,6 +108,8 @@ class Echoer(Actor):
         match msg:
             case Echo(text=text):
                 return f"echo:{text}"
+            case Secret(text=text):
+                return f"secret:{text}"
             case Relay(address=address, text=text):
                 return await self.system.ref("echo", address).ask(Echo(text))
             case Refuse():
@@ -619,6 +627,9 @@ GARBAGE = {
     "ask from no address": ([HELLO, envelope(ECHO, **{"from": "nobody"})], 1002),
     "batch with one stranger": ([HELLO, f"[{envelope(ECHO)}, "
                                  f"{envelope(ECHO, **{'from': 'ws://[::1]:2/'})}]"], 1002),
+    # Messages declared trusted need a link that proved the shared secret.
+    "trusted message on a plain link": ([HELLO, envelope({"$t": "test.ws.Secret", "text": "x"})],
+                                        1002),
 }
 
 
@@ -723,3 +734,87 @@ async def test_stopping_closes_links_with_going_away(nodes):
             with pytest.raises(ConnectionClosed) as closed:
                 await ws.get_message()
     assert closed.value.reason.code == 1001
+
+
+# ---------------------------------------------------------------- trust
+
+SECRET = b"a secret shared by one group"
+
+
+async def test_trusted_messages_need_a_link_that_proved_the_secret(nodes, caplog):
+    caplog.set_level(logging.INFO, logger="actors.ws")
+    a, b = await nodes(secret=SECRET), await nodes(secret=SECRET)
+    assert await a.ref("echo", b).ask(Secret("ab")) == "secret:ab"
+    # The answer the other way goes over the same connection (a's welcome
+    # proved b to a).
+    assert await b.ref("echo", a).ask(Secret("ba")) == "secret:ba"
+    assert b.transport.connections(a.address) == ["in"]
+
+    stranger = await nodes()  # no secret: its open messages are served...
+    assert await stranger.ref("echo", b).ask(Echo("hi")) == "echo:hi"
+    with pytest.raises(Unreachable):  # ...a trusted one closes its connection
+        await stranger.ref("echo", b).ask(Secret("let me in"))
+    assert any("only accepted on a trusted link" in getattr(r, "error", "")
+               for r in caplog.records if r.name == "actors.ws")
+    assert await a.ref("echo", b).ask(Secret("still")) == "secret:still"
+
+
+async def test_a_different_secret_is_refused_at_the_hello(nodes, caplog):
+    caplog.set_level(logging.INFO, logger="actors.ws")
+    b = await nodes(secret=SECRET)
+    impostor = await nodes(secret=b"not the group's secret", unreachable_after=1.0)
+    with pytest.raises(Unreachable):
+        await impostor.ref("echo", b).ask(Echo("hi"), timeout=BOUND)
+    assert any("does not match our shared secret" in getattr(r, "error", "")
+               for r in caplog.records if r.name == "actors.ws")
+
+
+async def test_a_raw_client_with_the_secret_is_welcomed_and_trusted(nodes):
+    from actors.linkauth import check_welcome, hello_proof
+
+    b = await nodes(secret=SECRET)
+    proof = hello_proof(SECRET, PEER)
+    async with raw_client(b) as ws:
+        await ws.send_message(hello_frame(PEER, proof))
+        with trio.fail_after(BOUND):
+            check_welcome(SECRET, proof["nonce"], orjson.loads(await ws.get_message()))
+            await ws.send_message(envelope({"$t": "test.ws.Secret", "text": "x"}, cid=3))
+            reply = orjson.loads(await ws.get_message())
+    assert (reply["kind"], reply["cid"], reply["body"]) == ("reply", 3, {"$t": "$json", "v": "secret:x"})
+
+    async with raw_client(b) as ws:  # the same hello again: a replay
+        await ws.send_message(hello_frame(PEER, proof))
+        with trio.fail_after(BOUND), pytest.raises(ConnectionClosed) as closed:
+            while True:
+                await ws.get_message()
+    assert closed.value.reason.code == 1002
+
+
+def test_hello_proofs_are_bound_fresh_and_used_once():
+    from actors.linkauth import ProofChecker, check_welcome, hello_proof, welcome_frame
+
+    now = 1_800_000_000.0
+    checker = ProofChecker(SECRET, clock=lambda: now)
+    proof = hello_proof(SECRET, PEER, now=now)
+    nonce = checker.check(PEER, proof)
+    with pytest.raises(ProtocolError, match="replay"):
+        checker.check(PEER, proof)
+    fresh = hello_proof(SECRET, PEER, now=now)
+    with pytest.raises(ProtocolError, match="does not match"):  # bound to the address
+        checker.check("ws://[::1]:2", fresh)
+    with pytest.raises(ProtocolError, match="does not match"):
+        checker.check(PEER, hello_proof(b"another secret", PEER, now=now))
+    with pytest.raises(ProtocolError, match="off our clock"):
+        checker.check(PEER, hello_proof(SECRET, PEER, now=now - 600))
+    for bad in (None, "x", {"time": now, "nonce": "00" * 16, "mac": "x"},
+                {**fresh, "extra": 1}, {**fresh, "nonce": "short"}):
+        with pytest.raises(ProtocolError, match="must be"):
+            checker.check(PEER, bad)
+    check_welcome(SECRET, nonce, welcome_frame(SECRET, nonce))
+    with pytest.raises(ProtocolError, match="does not match"):
+        check_welcome(SECRET, fresh["nonce"], welcome_frame(SECRET, nonce))
+    with pytest.raises(ProtocolError, match="does not match"):
+        check_welcome(SECRET, nonce, welcome_frame(b"another secret", nonce))
+    # A hello's own MAC is no welcome (another label).
+    with pytest.raises(ProtocolError, match="does not match"):
+        check_welcome(SECRET, nonce, {"welcome": 1, "mac": proof["mac"]})

@@ -83,7 +83,7 @@ def _any_message_fields(cls, *fields: str):
     return cls
 
 
-@message("consensus.raft")
+@message("consensus.raft", trusted=True)
 @attrs.frozen
 class RaftEnvelope:
     """A Raft message between replicas; `sender` is the sending process's
@@ -93,7 +93,7 @@ class RaftEnvelope:
     msg: object
 
 
-@message("consensus.propose")
+@message("consensus.propose", trusted=True)
 @attrs.frozen
 class Propose:
     """Commit `command` (a registry command) and apply it. `hops` > 0 marks a
@@ -108,13 +108,13 @@ class Propose:
     with_index: bool = False
 
 
-@message("consensus.read_barrier")
+@message("consensus.read_barrier", trusted=True)
 @attrs.frozen
 class ReadBarrier:
     pass
 
 
-@message("consensus.read_index")
+@message("consensus.read_index", trusted=True)
 @attrs.frozen
 class ReadIndex:
     """Follower -> leader: the leader's confirmed commit index (ReadIndex, thesis §6.4)."""
@@ -122,20 +122,20 @@ class ReadIndex:
     hops: int = 0
 
 
-@message("consensus.cluster_status")
+@message("consensus.cluster_status", trusted=True)
 @attrs.frozen
 class ClusterStatus:
     hops: int = 0
 
 
-@message("consensus.transfer_leadership")
+@message("consensus.transfer_leadership", trusted=True)
 @attrs.frozen
 class TransferLeadership:
     to: str = ""  # empty: the most caught-up other voter
     hops: int = 0
 
 
-@message("consensus.add_member")
+@message("consensus.add_member", trusted=True)
 @attrs.frozen
 class AddMember:
     id: str
@@ -143,7 +143,7 @@ class AddMember:
     hops: int = 0
 
 
-@message("consensus.remove_member")
+@message("consensus.remove_member", trusted=True)
 @attrs.frozen
 class RemoveMember:
     id: str

@@ -103,7 +103,7 @@ class ReleaseName:
     request_id: str = ""  # client session id (replicated mode): a retried write applies once
 
 
-@message("registry.req.leader_heartbeat")
+@message("registry.req.leader_heartbeat", trusted=True)
 class LeaderHeartbeat:
     """A follower's RegistryActor forwards a node's heartbeat to the leader's
     (leases live on the leader). `statement` set: a signed heartbeat. A

@@ -127,9 +127,13 @@ async def _run(config: RegistryConfig, state: RegistryState,
     try:
         # Nodes' actor links (signed heartbeats, link reports) come in here,
         # and in replicated mode the Raft traffic between replicas too.
+        # Replicas prove the cluster secret to each other on these links;
+        # nodes do not, and may not send what only replicas may.
         advertise = replica.addresses[replica.id] if replica is not None else None
+        secret = config.replication.secret if replica is not None else None
         transport = WebsocketTransport(config.listen.host, config.listen.ws_port,
-                                       advertise=advertise)
+                                       advertise=advertise,
+                                       secret=secret.encode() if secret else None)
     except OSError as exc:
         log.critical("cannot listen for node links",
                      extra={"port": config.listen.ws_port, "error": str(exc)})
