@@ -92,13 +92,20 @@ class RemoteReply:
 
 
 class Letter:
-    """A message in a mailbox and, for an ask, where its answer goes."""
+    """A message in a mailbox and, for an ask, where its answer goes.
 
-    __slots__ = ("msg", "reply", "dropped")
+    `sender`: the link it came over (the sending process's address, as the
+    transport's link_address names it), None when it was sent in this
+    process. The transport has checked that the link's peer is that
+    address; an actor may check that a message naming a peer came from it."""
 
-    def __init__(self, msg: Any, reply: Reply | RemoteReply | None = None):
+    __slots__ = ("msg", "reply", "dropped", "sender")
+
+    def __init__(self, msg: Any, reply: Reply | RemoteReply | None = None,
+                 sender: str | None = None):
         self.msg = msg
         self.reply = reply
+        self.sender = sender
         self.dropped: BaseException | None = None  # why it left the mailbox unread
 
     def answer(self, value: Any) -> None:
@@ -588,7 +595,7 @@ class ActorSystem:
         reply = RemoteReply(self, env.sender, env.cid) if env.kind == "ask" else None  # type: ignore[arg-type]
         if reply is not None and await self._answered_inline(env.to, env.body, reply):
             return
-        letter = Letter(env.body, reply)
+        letter = Letter(env.body, reply, peer)
         try:
             await self.mailbox_of(env.to).put(letter)
         except (ActorNotFound, ActorStopped, ActorCrashed) as exc:

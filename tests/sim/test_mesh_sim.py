@@ -466,3 +466,41 @@ async def test_a_replaced_links_loss_does_not_close_its_successor(seeded, autoju
         await trio.sleep(0.5)
         assert mesh.links.get(peer) is not current
         nursery.cancel_scope.cancel()
+
+
+async def test_mesh_messages_must_come_from_the_link_they_name(seeded, autojump_clock):
+    """A direct message names its origin and a flood the peer it came
+    from; both used to be taken on their word if that name was linked, so
+    any process that could reach a node could pass its words for a linked
+    peer's. Now the message must come over that peer's own link."""
+    from trustnet.node.messages import Direct, Flood
+
+    cluster = Cluster(seed=7, n=4, max_connections=3)
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery)
+        await settle(cluster, cluster.names, limit=60)
+        victim = cluster.mesh("n00")
+        friend, other = sorted(victim.links)[:2]
+        stranger_address = format_address("fd10:1234::77", 9000)
+        sent = trio.Event()
+
+        async def stranger(transport: SimTransport) -> None:
+            system = ActorSystem(transport=transport)
+            async with trio.open_nursery() as inner:
+                await inner.start(system.serve)
+                mesh = system.ref("mesh", address_of("n00"))
+                await mesh.tell(Direct("f" * 16, friend, "n00", '"forged"'))
+                await mesh.tell(Flood("e" * 16, friend, friend, 5, '"forged flood"'))
+                sent.set()
+                await trio.sleep_forever()
+
+        await cluster.net.start_process(nursery, stranger_address, stranger)
+        await sent.wait()
+        # A linked peer passing a flood off as another link's:
+        friend_mesh = cluster.contexts[friend].system.ref("mesh", address_of("n00"))
+        await friend_mesh.tell(Flood("d" * 16, friend, other, 5, '"relayed by whom?"'))
+        # ...and its own direct message, which is fine.
+        await friend_mesh.tell(Direct("c" * 16, friend, "n00", '"real"'))
+        await trio.sleep(1.0)
+        assert victim.inbox.ids() == ["c" * 16]
+        nursery.cancel_scope.cancel()

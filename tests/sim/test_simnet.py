@@ -475,3 +475,26 @@ def test_same_seed_same_trace_other_seed_other_trace():
     assert any(e.why == "partition" for e in first) and any(e.why == "down" for e in first)
     assert run_scenario(11) == first
     assert run_scenario(12) != first
+
+
+async def test_a_letter_names_the_link_it_came_over(autojump_clock):
+    """Letter.sender: the sending process's link address, None when local."""
+    from actors import Letter
+
+    class Senders(Actor):
+        def __init__(self):
+            self.seen: list[str | None] = []
+
+        async def handle(self, letter: Letter) -> None:
+            self.seen.append(letter.sender)
+            letter.answer(None)
+
+    net = SimNetwork(seed=1, faults=FaultModel())
+    async with trio.open_nursery() as nursery:
+        a, b = await start(nursery, net, "a", "b")
+        senders = Senders()
+        await b.system.spawn(nursery, senders, "senders")
+        await a.system.ref("senders", b.address).ask(Note("remote"))
+        await b.system.ref("senders").ask(Note("local"))
+        assert senders.seen == [a.address, None]
+        nursery.cancel_scope.cancel()

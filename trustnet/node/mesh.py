@@ -25,7 +25,9 @@ a node at its limit drops one random link so that the graph keeps mixing and
 a mesh split by a partition merges again once the partition heals.
 
 Messages. A broadcast floods over the links with a random id, a hop limit and
-dedup (trustnet.node.flood): every node delivers it once. A direct message
+dedup (trustnet.node.flood): every node delivers it once. A flood is taken
+only over the link of the peer it names as `via`, a direct message only
+over the link of its origin. A direct message
 goes over the link to its target, opened on demand from the registry's
 address for it; if no link can be opened it is flooded with a target, and
 only the target delivers it.
@@ -95,6 +97,7 @@ class LinkInfo:
     direction: str  # "in" | "out"
     since: float
     serial: int  # this process's count of links opened, told back in LinkLost
+    link: str  # `address` as the transport names its link (Letter.sender)
 
 
 @attrs.define
@@ -150,12 +153,28 @@ class MeshActor(Actor):
     # ------------------------------------------------------------ letters
 
     async def handle(self, letter: Letter) -> None:
+        if isinstance(letter.msg, (Flood, Direct)) and not self._came_from_link(letter):
+            return
         # These wait on other actors: answer them from a helper task so the
         # mailbox keeps moving (pings, floods) meanwhile.
         if isinstance(letter.msg, (LinkHello, LinkProof, Send)):
             self.nursery.start_soon(self._answer_later, letter)
             return
         await super().handle(letter)
+
+    def _came_from_link(self, letter: Letter) -> bool:
+        """A flood names the peer it came from (`via`), a direct message its
+        origin; either must be a peer we have a link with, and the message
+        must have come from that peer's address (else anyone could pass
+        theirs for a linked peer's)."""
+        msg = letter.msg
+        peer = msg.via if isinstance(msg, Flood) else msg.origin
+        info = self.links.get(peer)
+        if info is not None and letter.sender in (None, info.link):
+            return True
+        log.debug("mesh message not from a link of the peer it names, dropped",
+                  extra={"peer": peer, "sender": letter.sender, "msg_id": msg.msg_id})
+        return False
 
     async def _answer_later(self, letter: Letter) -> None:
         try:
@@ -452,7 +471,8 @@ class MeshActor(Actor):
             await self.links_sup.stop_child(name)
             await self.links_sup.start_child(ChildSpec(name, start, Restart.TEMPORARY,
                                                        mailbox_size=100))
-        self.links[peer] = LinkInfo(peer, address, direction, trio.current_time(), serial)
+        link = self.node.system.transport.link_address(address)
+        self.links[peer] = LinkInfo(peer, address, direction, trio.current_time(), serial, link)
         self.events.append((trio.current_time(), "open", peer))
         log.info("link opened", extra={"peer": peer, "address": address, "direction": direction,
                                        "links": len(self.links)})
@@ -512,10 +532,6 @@ class MeshActor(Actor):
             log.warning("flood with an oversized payload dropped",
                         extra={"via": msg.via, "msg_id": msg.msg_id, "bytes": len(msg.payload)})
             return
-        if msg.via not in self.links:
-            log.debug("flood from a node we have no link with, dropped",
-                      extra={"via": msg.via, "msg_id": msg.msg_id})
-            return
         if msg.hops_left > (believed := arriving_hops(msg.hops_left, self.hops)):
             msg = attrs.evolve(msg, hops_left=believed)
         now = trio.current_time()
@@ -530,7 +546,7 @@ class MeshActor(Actor):
             self._tell_peer_mesh(self.links[peer].address, relay)
 
     def _on_direct(self, msg: Direct) -> None:
-        if msg.target != self.me or msg.origin not in self.links or len(msg.payload) > MAX_PAYLOAD:
+        if msg.target != self.me or len(msg.payload) > MAX_PAYLOAD:
             log.debug("direct message dropped", extra={"origin": msg.origin, "target": msg.target})
             return
         if self.seen.add(msg.msg_id, trio.current_time()):
