@@ -324,6 +324,11 @@ class MeshActor(Actor):
                     return self._failed(peer, "signature does not match the registered key")
             if peer in self.links:
                 return True  # its own dial to us got there first
+            if len(self.links) >= self.p.max_connections:
+                # Links accepted meanwhile took the room: the peer's side of
+                # this handshake times out unproved.
+                log.debug("no room left for a dialled link", extra={"peer": peer})
+                return False
             await self._open_link(peer, address, "out")
             proof = sign_challenge(self.node.identity, answer.challenge, self.me, self.me, peer)
             await remote.ask(LinkProof(self.me, peer, proof), timeout=timeout)
@@ -413,10 +418,14 @@ class MeshActor(Actor):
             mine is not None and mine.direction == "out" and mine.since >= pending.since)
 
     async def _make_room(self, newcomer: str) -> None:
-        """Drop a random link (not the newcomer's) while over the limit."""
+        """Drop random links (not the newcomer's) while over the limit, our
+        dials under way included: each of them takes a link when it ends."""
         self.last_made_room = trio.current_time()
-        while len(self.links) > self.p.max_connections:
-            victim = self.rng.choice(sorted(p for p in self.links if p != newcomer))
+        while self.occupied > self.p.max_connections:
+            victims = sorted(p for p in self.links if p != newcomer and p not in self.dialing)
+            if not victims:
+                return
+            victim = self.rng.choice(victims)
             log.info("dropping a link to make room for a node without links",
                      extra={"peer": victim, "newcomer": newcomer})
             await self._close(victim, "made room for a node without links", notify=True)
