@@ -55,9 +55,9 @@ import socket
 import subprocess
 import sys
 import threading
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 import pytest
@@ -92,6 +92,23 @@ STOP_TIMEOUT = 10.0
 DUMP_KEY: pytest.StashKey[Callable[[], str]] = pytest.StashKey()
 """A fixture stores ``() -> str`` under ``request.node.stash[DUMP_KEY]``: the
 conftest adds its result (process logs) to the report of a failed test."""
+
+
+T = TypeVar("T")
+BOUND = 30.0  # seconds: the failure bound for anything that should "just happen"
+TRUSTNET = str(Path(sys.executable).parent / "trustnet")
+"""The console script of the venv running the tests."""
+
+
+def clean_env(extra: Mapping[str, str]) -> dict[str, str]:
+    """This process's environment without any variable TrustNet reads, plus ``extra``."""
+    from trustnet.config import REGISTRY_ENV_VARS
+    from trustnet.node.config import NODE_ENV_VARS
+
+    drop = {*REGISTRY_ENV_VARS, *NODE_ENV_VARS, "REGISTRY_WS_PORT", "TRUSTNET_NODE_API"}
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(extra)
+    return env
 
 
 class HarnessError(RuntimeError):
@@ -632,3 +649,19 @@ def _leaves(error: BaseException) -> list[BaseException]:
     if isinstance(error, BaseExceptionGroup):
         return [leaf for sub in error.exceptions for leaf in _leaves(sub)]
     return [error]
+
+
+async def eventually(check: Callable[[], Awaitable[T]], *, what: str,
+                     timeout: float = BOUND, interval: float = 0.2) -> T:
+    """Run ``check`` until it returns without an AssertionError (its result).
+
+    At ``timeout`` the last AssertionError is raised, prefixed with ``what``."""
+    last: BaseException | None = None
+    with trio.move_on_after(timeout):
+        while True:
+            try:
+                return await check()
+            except (AssertionError, OSError, trio.TooSlowError, HarnessError) as exc:
+                last = exc
+            await trio.sleep(interval)
+    raise AssertionError(f"{what}: not within {timeout}s; last check: {last}") from last

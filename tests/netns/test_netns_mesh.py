@@ -15,9 +15,8 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import trio
@@ -25,30 +24,9 @@ import trio_websocket
 import yaml
 
 import netns
-from netns import DUMP_KEY, Host, Network, NsProcess
+from netns import BOUND, DUMP_KEY, TRUSTNET, Host, Network, NsProcess, clean_env, eventually
 from trustnet.addressing import ula_for
 from trustnet.config import REGISTRY_ENV_VARS
-from trustnet.node.config import NODE_ENV_VARS
-
-T = TypeVar("T")
-
-BOUND = 30.0  # seconds: the failure bound for anything that should "just happen"
-
-
-async def eventually(check: Callable[[], Awaitable[T]], *, what: str,
-                     timeout: float = BOUND, interval: float = 0.2) -> T:
-    """Run ``check`` until it returns without an AssertionError (its result).
-
-    At ``timeout`` the last AssertionError is raised, prefixed with ``what``."""
-    last: BaseException | None = None
-    with trio.move_on_after(timeout):
-        while True:
-            try:
-                return await check()
-            except (AssertionError, OSError, trio.TooSlowError, netns.HarnessError) as exc:
-                last = exc
-            await trio.sleep(interval)
-    raise AssertionError(f"{what}: not within {timeout}s; last check: {last}") from last
 
 
 # =========================================================================== harness
@@ -199,7 +177,6 @@ needs_registry_ws = pytest.mark.skipif(
     reason="the registry has no websocket listener for nodes yet "
            "(REGISTRY_WS_PORT is not in trustnet.config.REGISTRY_ENV_VARS)")
 
-TRUSTNET = str(Path(sys.executable).parent / "trustnet")
 REGISTRY_ADDR = "fd10:1234:ffff::1"
 REGISTRY_HTTP, REGISTRY_WS = 8000, 8001
 NODE_PORT, NODE_API = 9000, 9100
@@ -207,16 +184,6 @@ HEARTBEAT = 0.5      # registry and nodes; lease = 3 x 0.5 s
 TTL_MULTIPLIER = 3
 PEER_TIMEOUT = 1.5   # ping every 0.5 s, 3 missed pongs -> dropped
 NODES = [f"node-{i}" for i in range(1, 6)]
-
-# Every variable TrustNet reads is removed from what the processes inherit.
-TRUSTNET_VARS = {*REGISTRY_ENV_VARS, *NODE_ENV_VARS, "REGISTRY_WS_PORT", "TRUSTNET_NODE_API"}
-
-
-def clean_env(extra: dict[str, str]) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in TRUSTNET_VARS}
-    env.update(extra)
-    return env
-
 
 class Mesh:
     """One registry and TrustNet nodes, each on its own host of ``net``."""
