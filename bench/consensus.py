@@ -592,6 +592,8 @@ class Throughput:
     server_cpu_s: float
     backend: str
     leader_cpu_s: float = 0.0
+    # wrk's kinds of error (non-2xx status, connect, read, write, timeout)
+    error_kinds: dict[str, int] = field(default_factory=dict)
 
     @property
     def rate(self) -> float:
@@ -619,10 +621,10 @@ def run_wrk(cluster: Cluster, port: int, clients: int, seconds: int, run: int) -
     if out.returncode != 0 or not m:
         raise RuntimeError(f"wrk failed ({out.returncode}): {out.stdout[-500:]} {out.stderr[-500:]}")
     d = json.loads(m.group(1))
-    errors = d["status"] + d["connect"] + d["read"] + d["write"] + d["timeout"]
+    kinds = {k: d[k] for k in ("status", "connect", "read", "write", "timeout") if d[k]}
     return Throughput(writes=d["requests"] - d["status"], seconds=d["duration_us"] / 1e6,
-                      errors=errors, p50_ms=d["p50"] / 1000, p99_ms=d["p99"] / 1000,
-                      client_cpu_s=cpu, server_cpu_s=scpu, backend="wrk")
+                      errors=sum(kinds.values()), p50_ms=d["p50"] / 1000, p99_ms=d["p99"] / 1000,
+                      client_cpu_s=cpu, server_cpu_s=scpu, backend="wrk", error_kinds=kinds)
 
 
 def _py_load_worker(job: tuple) -> tuple[int, int, bytes, float]:
@@ -1110,8 +1112,14 @@ def main(argv: list[str] | None = None) -> int:
               f"{trials_s:>7} {restart:>7} {util_s:>9} {f.idle_cpu:>5.0%}")
     errs = {f.label: sum(t.errors for ts in f.tput.values() for t in ts) for f in figures}
     if any(errs.values()):
+        def kinds(f) -> str:
+            total: dict[str, int] = {}
+            for t in (t for ts in f.tput.values() for t in ts):
+                for k, v in t.error_kinds.items():
+                    total[k] = total.get(k, 0) + v
+            return f" ({', '.join(f'{k} {v}' for k, v in sorted(total.items()))})" if total else ""
         print("  throughput-run errors (non-2xx or socket): "
-              + ", ".join(f"{k} {v}" for k, v in errs.items()))
+              + ", ".join(f"{f.label} {errs[f.label]}{kinds(f)}" for f in figures))
     runs = [t for f in figures for ts in f.tput.values() for t in ts]
     if runs:
         cu = [t.client_cpu_s / t.seconds for t in runs if t.seconds]
