@@ -475,8 +475,9 @@ async def test_mesh_messages_must_come_from_the_link_they_name(seeded, autojump_
     """A direct message names its origin and a flood the peer it came
     from; both used to be taken on their word if that name was linked, so
     any process that could reach a node could pass its words for a linked
-    peer's. Now the message must come over that peer's own link."""
-    from trustnet.node.messages import Direct, Flood
+    peer's (or close a node's link to it). Now the message must come over
+    that peer's own link."""
+    from trustnet.node.messages import Direct, Flood, LinkClose
 
     cluster = Cluster(seed=7, n=4, max_connections=3)
     async with trio.open_nursery() as nursery:
@@ -484,6 +485,7 @@ async def test_mesh_messages_must_come_from_the_link_they_name(seeded, autojump_
         await settle(cluster, cluster.names, limit=60)
         victim = cluster.mesh("n00")
         friend, other = sorted(victim.links)[:2]
+        friends_link = victim.links[friend]
         stranger_address = format_address("fd10:1234::77", 9000)
         sent = trio.Event()
 
@@ -494,6 +496,7 @@ async def test_mesh_messages_must_come_from_the_link_they_name(seeded, autojump_
                 mesh = system.ref("mesh", address_of("n00"))
                 await mesh.tell(Direct("f" * 16, friend, "n00", '"forged"'))
                 await mesh.tell(Flood("e" * 16, friend, friend, 5, '"forged flood"'))
+                await mesh.tell(LinkClose(friend, "forged close"))
                 sent.set()
                 await trio.sleep_forever()
 
@@ -506,6 +509,7 @@ async def test_mesh_messages_must_come_from_the_link_they_name(seeded, autojump_
         await friend_mesh.tell(Direct("c" * 16, friend, "n00", '"real"'))
         await trio.sleep(1.0)
         assert victim.inbox.ids() == ["c" * 16]
+        assert victim.links.get(friend) is friends_link
         nursery.cancel_scope.cancel()
 
 

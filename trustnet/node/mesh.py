@@ -27,7 +27,7 @@ a mesh split by a partition merges again once the partition heals.
 Messages. A broadcast floods over the links with a random id, a hop limit and
 dedup (trustnet.node.flood): every node delivers it once. A flood is taken
 only over the link of the peer it names as `via`, a direct message only
-over the link of its origin. A direct message
+over the link of its origin (and a LinkClose only from the peer it closes). A direct message
 goes over the link to its target, opened on demand from the registry's
 address for it; if no link can be opened it is flooded with a target, and
 only the target delivers it.
@@ -153,7 +153,7 @@ class MeshActor(Actor):
     # ------------------------------------------------------------ letters
 
     async def handle(self, letter: Letter) -> None:
-        if isinstance(letter.msg, (Flood, Direct)) and not self._came_from_link(letter):
+        if isinstance(letter.msg, (Flood, Direct, LinkClose)) and not self._came_from_link(letter):
             return
         # These wait on other actors: answer them from a helper task so the
         # mailbox keeps moving (pings, floods) meanwhile.
@@ -164,16 +164,19 @@ class MeshActor(Actor):
 
     def _came_from_link(self, letter: Letter) -> bool:
         """A flood names the peer it came from (`via`), a direct message its
-        origin; either must be a peer we have a link with, and the message
-        must have come from that peer's address (else anyone could pass
-        theirs for a linked peer's)."""
+        origin, a close the peer that closes; each must be a peer we have a
+        link with, and the message must have come from that peer's address
+        (else anyone could pass theirs for a linked peer's, or close our
+        links)."""
         msg = letter.msg
-        peer = msg.via if isinstance(msg, Flood) else msg.origin
+        peer = (msg.via if isinstance(msg, Flood) else
+                msg.node_id if isinstance(msg, LinkClose) else msg.origin)
         info = self.links.get(peer)
         if info is not None and letter.sender in (None, info.link):
             return True
         log.debug("mesh message not from a link of the peer it names, dropped",
-                  extra={"peer": peer, "sender": letter.sender, "msg_id": msg.msg_id})
+                  extra={"peer": peer, "sender": letter.sender,
+                         "type": type(msg).__name__})
         return False
 
     async def _answer_later(self, letter: Letter) -> None:
