@@ -474,7 +474,8 @@ class ActorSystem:
         self.transport = transport
         self.address = transport.address if transport is not None else address
         self._mailboxes: dict[str, Mailbox] = {}
-        self._pending: dict[int, tuple[str, Reply]] = {}
+        # cid -> (the link asked, the answer slot, whether the ask needs trust)
+        self._pending: dict[int, tuple[str, Reply, bool]] = {}
         self._cids = itertools.count(1)
 
     # -- local registry
@@ -556,7 +557,8 @@ class ActorSystem:
         cid = next(self._cids)
         reply = Reply()
         # Filed under the link's name: only that link may answer it.
-        self._pending[cid] = (self._require_transport(address).link_address(address), reply)
+        self._pending[cid] = (self._require_transport(address).link_address(address), reply,
+                              codec.needs_trust(msg))
         try:
             with trio.move_on_after(timeout):
                 await self._send_remote(address, Envelope(self.address + "/", name, "ask", msg, cid))
@@ -573,19 +575,22 @@ class ActorSystem:
         except Exception as exc:  # the asker will time out; say why here
             log.warning("reply not sent", extra={"to": address, "error": str(exc)})
 
-    async def _deliver(self, env: Envelope, peer: str) -> None:
+    async def _deliver(self, env: Envelope, peer: str, trusted: bool = False) -> None:
         """Route one inbound envelope that the link to `peer` carried (called
-        by the transport)."""
+        by the transport; `trusted`: over a connection that proved the
+        shared secret)."""
         if env.kind in ("reply", "error"):
             pending = self._pending.get(env.cid)  # type: ignore[arg-type]
             if pending is None:
                 return  # a late answer to an ask that timed out
-            asked, reply = pending
-            if asked != peer:
+            asked, reply, needs_trust = pending
+            if asked != peer or (needs_trust and not trusted):
                 # Correlation ids are a counter: anyone could guess one. Only
-                # the process that was asked may answer.
+                # the process that was asked may answer, and a trusted ask
+                # only over a trusted connection.
                 log.warning("reply from a peer that was not asked, dropped",
-                            extra={"peer": peer, "asked": asked, "cid": env.cid})
+                            extra={"peer": peer, "asked": asked, "cid": env.cid,
+                                   "trusted": trusted})
                 return
             if env.kind == "reply":
                 reply.set(env.body)
@@ -629,7 +634,7 @@ class ActorSystem:
 
     def _link_down(self, address: str) -> None:
         """Fail at once the asks waiting on a lost link (their outcome is unknown)."""
-        for cid, (addr, reply) in list(self._pending.items()):
+        for cid, (addr, reply, _) in list(self._pending.items()):
             if addr == address:
                 reply.fail(Unreachable(f"link to {address} lost before the answer came"))
 

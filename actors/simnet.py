@@ -170,7 +170,7 @@ class SimTransport:
                                 extra={"peer": src, "error": f"ProtocolError: {exc}"})
                     link_down(src)
                     continue
-                await deliver(env, src)
+                await deliver(env, src, src not in self._net.untrusted)
         finally:
             self._inbox = self._link_down = None
 

@@ -14,9 +14,11 @@ import trio
 from .codec import Envelope
 
 # Called by the transport for every decoded inbound envelope, with the
-# address of the link that carried it (as link_address names it). It may
-# await (a full mailbox pushes back on the link that delivered the envelope).
-Deliver = Callable[[Envelope, str], Awaitable[None]]
+# address of the link that carried it (as link_address names it) and whether
+# that connection is trusted (its peer proved the shared secret, see
+# actors.linkauth). It may await (a full mailbox pushes back on the link that
+# delivered the envelope).
+Deliver = Callable[[Envelope, str, bool], Awaitable[None]]
 # Called by the transport when the link to an address is lost, so pending
 # asks to it fail at once instead of waiting for their timeouts.
 LinkDown = Callable[[str], None]

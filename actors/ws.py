@@ -17,12 +17,20 @@ Framing
 Trust
     A transport built with a `secret` (shared by a group of processes, e.g.
     the replicas of one registry) puts a proof of it in every hello it sends
-    and answers a hello that proves it with a welcome frame (actors.linkauth).
-    A connection is trusted once the other side's proof checked out; only a
-    trusted connection may carry messages declared `message(..., trusted=True)`,
-    anything else sending one is a ProtocolError. Hellos without a proof are
-    served as before (other processes share the port); a wrong proof or
-    welcome closes the connection (1002).
+    (actors.linkauth). An acceptor answers a hello with a proof by a welcome
+    frame before anything else: {"welcome": 1, "mac": ...} when it checked
+    the proof, {"welcome": 0} when it has no secret; the dialler reads it
+    before the connection counts as up. A connection is trusted once the
+    other side's proof checked out. Messages declared `message(...,
+    trusted=True)` travel only over trusted connections: we send them on
+    one (dialling for one if the link has none), we take them only from
+    one (else a ProtocolError), and we take the answer to such an ask only
+    from one. A link's writes prefer its newest trusted connection, and a
+    hello without a proof in the name of an address that has a trusted
+    connection is refused, so an unproved connection from a member's host
+    cannot take its traffic. Hellos without a proof are otherwise served as
+    before (other processes share the port); a wrong proof or welcome closes
+    the connection (1002).
 
 Links
     A link is everything about one peer address: its live connections
@@ -213,18 +221,21 @@ def batch_frames(frames: list[str]) -> str:
 class _Connection:
     """One websocket of a link, with what the logs say about it."""
 
-    __slots__ = ("ws", "remote", "direction", "since", "trusted", "welcome_nonce")
+    __slots__ = ("ws", "remote", "direction", "since", "trusted")
 
-    def __init__(self, ws: WebSocketConnection, *, trusted: bool = False,
-                 welcome_nonce: str | None = None):
+    def __init__(self, ws: WebSocketConnection, *, trusted: bool = False):
         self.ws = ws
         self.remote = _endpoint(ws)  # read now: the socket may be gone when we log its end
         self.direction: Literal["in", "out"] = "out" if ws.is_client else "in"
         self.since = trio.current_time()
-        # The peer proved the shared secret: it may send `trusted` messages.
+        # The peer proved the shared secret: it may carry `trusted` messages.
         self.trusted = trusted
-        # Our hello carried a proof with this nonce: a welcome may come first.
-        self.welcome_nonce = welcome_nonce
+
+
+class _TrustedFrame(str):
+    """An encoded envelope whose message needs a trusted connection."""
+
+    __slots__ = ()
 
 
 class _Link:
@@ -238,6 +249,7 @@ class _Link:
         # Oldest first; the newest carries our writes.
         self.connections: list[_Connection] = []
         self.waiters = 0  # tasks waiting for this link to come up; dial while > 0
+        self.trust_waiters = 0  # those of them that need a trusted connection
         self.dialing = False
         self.failures = 0  # failed dials (and short-lived links) since the last good link
         self.last_error = "not dialled yet"
@@ -245,7 +257,22 @@ class _Link:
 
     @property
     def current(self) -> _Connection | None:
-        return self.connections[-1] if self.connections else None
+        """The connection our writes go over: the newest trusted one, else the newest."""
+        return self.usable(False)
+
+    def usable(self, trusted: bool) -> _Connection | None:
+        """The connection for a write (one that needs a trusted connection
+        if `trusted`), None if there is none."""
+        for conn in reversed(self.connections):
+            if conn.trusted:
+                return conn
+        return None if trusted or not self.connections else self.connections[-1]
+
+    @property
+    def wanted(self) -> _Connection | None:
+        """What the waiting senders need: a trusted connection if any of them
+        needs one, else any; None means dial."""
+        return self.usable(self.trust_waiters > 0)
 
     def changed(self) -> None:
         """Wake every task waiting for a connection to come or go."""
@@ -327,11 +354,11 @@ class WebsocketTransport:
         if secret is not None and not secret:
             raise ValueError("an empty secret; pass None for no secret")
         self._secret = secret
-        self._proofs = ProofChecker(secret) if secret is not None else None
 
         self._sock: socket.socket | None = self._bind()
         self.port = self._sock.getsockname()[1]
         self.address = self._advertised(advertise)
+        self._proofs = ProofChecker(secret, self.address) if secret is not None else None
         self._hello = hello_frame(self.address)
         # Dial from the address we advertise, so the peer can check that our
         # hello comes from the host it names (see _check_origin).
@@ -379,8 +406,9 @@ class WebsocketTransport:
         larger than `max_frame_bytes`."""
         frame = self._frame(envelope)
         link = self._link(address)
-        if link.current is None:
-            await self._connected(link)
+        trusted = isinstance(frame, _TrustedFrame)
+        if link.usable(trusted) is None:
+            await self._connected(link, trusted)
         try:
             await link.queue_in.send(frame)
         except trio.BrokenResourceError:
@@ -465,28 +493,33 @@ class WebsocketTransport:
             conn = _Connection(await request.accept())
         except ConnectionClosed:
             return
-        peer = await self._receive_hello(conn)
-        if peer is None:
+        hello = await self._receive_hello(conn)
+        if hello is None:
             return
-        if conn.trusted:
-            try:
-                await conn.ws.send_message(orjson.dumps(
-                    welcome_frame(self._secret, conn.welcome_nonce)).decode())  # type: ignore[arg-type]
-            except ConnectionClosed as closed:
-                self._note_closed(conn, peer, closed.reason)
-                return
-            conn.welcome_nonce = None
+        peer, welcome = hello
         try:
             link = self._link(peer)
         except Unreachable:  # we are shutting down
             await self._close(conn, CLOSE_GOING_AWAY, "shutting down")
             return
+        if self._secret is not None and not conn.trusted and link.usable(True) is not None:
+            await self._reject(conn, peer, ProtocolError(
+                f"{peer} has a connection that proved the shared secret; a hello in its "
+                "name must prove it too"))
+            return
+        if welcome is not None:
+            try:
+                await conn.ws.send_message(orjson.dumps(welcome).decode())
+            except ConnectionClosed as closed:
+                self._note_closed(conn, peer, closed.reason)
+                return
         await self._run_connection(link, conn)
 
-    async def _receive_hello(self, conn: _Connection) -> str | None:
-        """The peer address from the first frame, or None after closing a bad connection.
-
-        Until the hello names it, logs call the peer by its socket address."""
+    async def _receive_hello(self, conn: _Connection) -> tuple[str, dict | None] | None:
+        """The peer address from the first frame and the welcome to answer
+        it with (None: its hello had no proof), or None after closing a bad
+        connection. Until the hello names it, logs call the peer by its
+        socket address."""
         with trio.move_on_after(self.hello_timeout):
             try:
                 frame = await conn.ws.get_message()
@@ -496,10 +529,13 @@ class WebsocketTransport:
             try:
                 peer, proof = read_hello(frame)
                 _check_origin(peer, conn.ws)
-                if proof is not None and self._proofs is not None:
-                    conn.welcome_nonce = self._proofs.check(peer, proof)
-                    conn.trusted = True
-                return peer
+                if proof is None:
+                    return peer, None
+                if self._proofs is None:
+                    return peer, {"welcome": 0}
+                nonce = self._proofs.check(peer, proof)
+                conn.trusted = True
+                return peer, welcome_frame(self._secret, peer, self.address, nonce)  # type: ignore[arg-type]
             except ProtocolError as exc:
                 await self._reject(conn, conn.remote, exc)
                 return None
@@ -545,14 +581,15 @@ class WebsocketTransport:
                     break
                 batch.append(frame)
                 size += 1 + len(frame)
-            await self._write(link, batch_frames(batch), len(batch))
+            trusted = any(isinstance(f, _TrustedFrame) for f in batch)
+            await self._write(link, batch_frames(batch), len(batch), trusted)
 
-    async def _write(self, link: _Link, frame: str, envelopes: int) -> None:
+    async def _write(self, link: _Link, frame: str, envelopes: int, trusted: bool) -> None:
         while True:
-            conn = link.current
+            conn = link.usable(trusted)
             if conn is None:
                 try:
-                    conn = await self._connected(link)
+                    conn = await self._connected(link, trusted)
                 except Unreachable as exc:
                     dropped = envelopes + link.drop_queued()
                     log.warning("peer unreachable, dropping queued envelopes",
@@ -566,20 +603,27 @@ class WebsocketTransport:
                 # may not have noticed yet, so take it off the link now.
                 self._detach(link, conn)
 
-    async def _connected(self, link: _Link) -> _Connection:
-        """The link's live connection, dialling if there is none; Unreachable
-        after `unreachable_after` seconds without one."""
+    async def _connected(self, link: _Link, trusted: bool = False) -> _Connection:
+        """The link's live connection (a trusted one if `trusted`), dialling
+        if there is none; Unreachable after `unreachable_after` seconds
+        without one, or at once for a trusted one without a secret."""
+        if trusted and self._secret is None:
+            raise Unreachable(f"{link.peer}: the message needs a trusted link and this "
+                              "transport has no secret")
         link.waiters += 1
+        link.trust_waiters += trusted
         try:
             with trio.move_on_after(self.unreachable_after):
-                while (conn := link.current) is None:
+                while (conn := link.usable(trusted)) is None:
                     if not link.dialing:
                         self._start_dialling(link)
                     await link.wait_changed()
                 return conn
         finally:
             link.waiters -= 1
-        raise Unreachable(f"{link.peer} unreachable: no link within {self.unreachable_after}s "
+            link.trust_waiters -= trusted
+        kind = "trusted link" if trusted else "link"
+        raise Unreachable(f"{link.peer} unreachable: no {kind} within {self.unreachable_after}s "
                           f"(last error: {link.last_error})")
 
     def _start_dialling(self, link: _Link) -> None:
@@ -591,26 +635,35 @@ class WebsocketTransport:
     async def _dial(self, link: _Link) -> None:
         """Dial until the link is up or nobody waits for it any more."""
         try:
-            while link.current is None:
+            while link.wanted is None:
                 if not link.waiters:
                     link.failures = 0  # the next time it is needed, try at once
                     return
                 await trio.sleep(self._backoff(link.failures))
                 # An inbound hello may have brought the link up meanwhile.
-                if link.waiters and link.current is None:
-                    await self._dial_once(link)
+                if link.waiters and link.wanted is None:
+                    up = await self._dial_once(link)
+                    if up and link.trust_waiters and link.usable(True) is None:
+                        link.failures += 1  # up, but the peer proved nothing
+                        link.last_error = "the peer did not prove the shared secret"
         finally:
             link.dialing = False
             link.changed()
 
-    async def _dial_once(self, link: _Link) -> None:
+    async def _dial_once(self, link: _Link) -> bool:
+        """One dial; True if it brought a connection up."""
         try:
             await self._io.start(self._dialled_connection, link)  # type: ignore[union-attr]
+            return True
         except _DIAL_ERRORS as exc:
             link.failures += 1
             link.last_error = _describe(exc)
             log.debug("dial failed", extra={"peer": link.peer, "attempt": link.failures,
                                             "error": link.last_error})
+        except ProtocolError as exc:  # its welcome was wrong (logged where it was read)
+            link.failures += 1
+            link.last_error = f"ProtocolError: {exc}"
+        return False
 
     def _backoff(self, failures: int) -> float:
         """Full jitter: a first try at once, then uniform in [0, initial * 2**(n-1)], capped."""
@@ -634,7 +687,7 @@ class WebsocketTransport:
             # (trio-websocket leaves it open when the peer just vanishes).
             hello, nonce = self._hello, None
             if self._secret is not None:  # a fresh proof per connection
-                proof = hello_proof(self._secret, self.address)
+                proof = hello_proof(self._secret, self.address, link.peer)
                 hello, nonce = hello_frame(self.address, proof), proof["nonce"]
             with collapsed():
                 async with stream, trio.open_nursery() as nursery:
@@ -644,9 +697,11 @@ class WebsocketTransport:
                             max_message_size=self.max_frame_bytes,
                             receive_buffer_size=RECEIVE_BUFFER)
                         await ws.send_message(hello)
+                        conn = _Connection(ws)
+                        if nonce is not None:
+                            await self._read_welcome(link, conn, nonce)
                     up = True
-                    await self._run_connection(link, _Connection(ws, welcome_nonce=nonce),
-                                               task_status=task_status)
+                    await self._run_connection(link, conn, task_status=task_status)
                     # The websocket's own reader task finishes the close
                     # handshake, then ends when the TCP stream does; give it
                     # close_timeout to do so.
@@ -656,6 +711,24 @@ class WebsocketTransport:
                 raise
             log.warning("link failed", extra={"peer": link.peer, "error": _describe(exc)},
                         exc_info=not isinstance(exc, _DIAL_ERRORS))
+
+    async def _read_welcome(self, link: _Link, conn: _Connection, nonce: str) -> None:
+        """The acceptor's answer to our proof: trusted if it proved the
+        secret back; ProtocolError (logged, connection closed) if its answer
+        is wrong."""
+        frame = await conn.ws.get_message()
+        try:
+            data = orjson.loads(frame) if isinstance(frame, str) else None
+        except orjson.JSONDecodeError:
+            data = None
+        try:
+            if data == {"welcome": 0}:
+                return  # the acceptor has no secret: an untrusted connection
+            check_welcome(self._secret, self.address, link.peer, nonce, data)  # type: ignore[arg-type]
+        except ProtocolError as exc:
+            await self._reject(conn, link.peer, exc)
+            raise
+        conn.trusted = True
 
     # ------------------------------------------------------- both directions
 
@@ -677,17 +750,6 @@ class WebsocketTransport:
             except ConnectionClosed as closed:
                 self._note_closed(conn, link.peer, closed.reason)
                 return
-            if conn.welcome_nonce is not None:
-                nonce, conn.welcome_nonce = conn.welcome_nonce, None
-                welcome = _welcome(frame)
-                if welcome is not None:
-                    try:
-                        check_welcome(self._secret, nonce, welcome)  # type: ignore[arg-type]
-                    except ProtocolError as exc:
-                        await self._reject(conn, link.peer, exc)
-                        return
-                    conn.trusted = True
-                    continue
             try:
                 envelopes = decode_frame(frame)
                 codec.check_trust(envelopes, conn.trusted)
@@ -708,7 +770,7 @@ class WebsocketTransport:
                 try:
                     # Awaited: a full mailbox holds up this link, and through TCP
                     # the peer's writer (backpressure end to end).
-                    await self._deliver(envelope, link.peer)  # type: ignore[misc]
+                    await self._deliver(envelope, link.peer, conn.trusted)  # type: ignore[misc]
                 except Exception:  # a bug in routing must not take the link down
                     log.exception("delivery failed", extra={"peer": link.peer, "to": envelope.to})
 
@@ -766,6 +828,8 @@ class WebsocketTransport:
         if len(data) > self.max_frame_bytes:
             raise ProtocolError(f"envelope to {envelope.to!r} is {len(data)} bytes, over the "
                                 f"{self.max_frame_bytes}-byte frame limit")
+        if envelope.kind in ("ask", "tell") and codec.needs_trust(envelope.body):
+            return _TrustedFrame(data.decode())
         return data.decode()
 
     def _bind(self) -> socket.socket:
@@ -814,16 +878,6 @@ def _source_address(address: str) -> str | None:
     except ValueError:
         return None  # a host name: let the kernel choose
     return None if ip.is_unspecified else ip.compressed
-
-
-def _welcome(frame: str | bytes) -> object:
-    """The parsed frame if it is an acceptor's welcome (actors.linkauth), else None."""
-    if not isinstance(frame, str) or not frame.startswith('{"welcome"'):
-        return None
-    try:
-        return orjson.loads(frame)
-    except orjson.JSONDecodeError:
-        return None
 
 
 def _speaks_for(sender: str, peer: str) -> bool:

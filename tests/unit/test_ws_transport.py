@@ -741,8 +741,7 @@ async def test_stopping_closes_links_with_going_away(nodes):
 SECRET = b"a secret shared by one group"
 
 
-async def test_trusted_messages_need_a_link_that_proved_the_secret(nodes, caplog):
-    caplog.set_level(logging.INFO, logger="actors.ws")
+async def test_trusted_messages_need_a_link_that_proved_the_secret(nodes):
     a, b = await nodes(secret=SECRET), await nodes(secret=SECRET)
     assert await a.ref("echo", b).ask(Secret("ab")) == "secret:ab"
     # The answer the other way goes over the same connection (a's welcome
@@ -752,10 +751,9 @@ async def test_trusted_messages_need_a_link_that_proved_the_secret(nodes, caplog
 
     stranger = await nodes()  # no secret: its open messages are served...
     assert await stranger.ref("echo", b).ask(Echo("hi")) == "echo:hi"
-    with pytest.raises(Unreachable):  # ...a trusted one closes its connection
+    with pytest.raises(Unreachable, match="needs a trusted link"):  # ...it cannot send these
         await stranger.ref("echo", b).ask(Secret("let me in"))
-    assert any("only accepted on a trusted link" in getattr(r, "error", "")
-               for r in caplog.records if r.name == "actors.ws")
+    # (a raw client that sends one anyway is closed: see GARBAGE)
     assert await a.ref("echo", b).ask(Secret("still")) == "secret:still"
 
 
@@ -769,52 +767,140 @@ async def test_a_different_secret_is_refused_at_the_hello(nodes, caplog):
                for r in caplog.records if r.name == "actors.ws")
 
 
+async def test_a_member_and_a_process_without_the_secret_still_talk(nodes):
+    """A member's hello carries a proof to anyone it dials; a process
+    without the secret answers {"welcome": 0} and the link works untrusted."""
+    a, plain = await nodes(secret=SECRET), await nodes()
+    assert await a.ref("echo", plain).ask(Echo("hi")) == "echo:hi"
+    assert await plain.ref("echo", a).ask(Echo("back")) == "echo:back"
+    assert a.transport.connections(plain.address) == ["out"]
+    with pytest.raises(Unreachable, match="no trusted link"):
+        await a.ref("echo", plain).ask(Secret("x"), timeout=BOUND)
+
+
 async def test_a_raw_client_with_the_secret_is_welcomed_and_trusted(nodes):
     from actors.linkauth import check_welcome, hello_proof
 
     b = await nodes(secret=SECRET)
-    proof = hello_proof(SECRET, PEER)
+    proof = hello_proof(SECRET, PEER, b.address)
     async with raw_client(b) as ws:
         await ws.send_message(hello_frame(PEER, proof))
         with trio.fail_after(BOUND):
-            check_welcome(SECRET, proof["nonce"], orjson.loads(await ws.get_message()))
+            check_welcome(SECRET, PEER, b.address, proof["nonce"],
+                          orjson.loads(await ws.get_message()))
             await ws.send_message(envelope({"$t": "test.ws.Secret", "text": "x"}, cid=3))
             reply = orjson.loads(await ws.get_message())
     assert (reply["kind"], reply["cid"], reply["body"]) == ("reply", 3, {"$t": "$json", "v": "secret:x"})
 
-    async with raw_client(b) as ws:  # the same hello again: a replay
-        await ws.send_message(hello_frame(PEER, proof))
+    async def refused(hello: str) -> int:
+        async with raw_client(b) as ws:
+            await ws.send_message(hello)
+            with trio.fail_after(BOUND), pytest.raises(ConnectionClosed) as closed:
+                while True:
+                    await ws.get_message()
+        return closed.value.reason.code
+
+    assert await refused(hello_frame(PEER, proof)) == 1002  # the same hello again: a replay
+    # A proof made out to another process (as a member's hello to anyone it
+    # dials is) is no good here.
+    assert await refused(hello_frame(PEER, hello_proof(SECRET, PEER, "ws://[::1]:2"))) == 1002
+    # A MAC that is not ASCII used to raise TypeError out of the transport.
+    bad = {**hello_proof(SECRET, PEER, b.address), "mac": "\u00e9" * 64}
+    assert await refused(hello_frame(PEER, bad)) == 1002
+    assert await nodes() and await (await nodes()).ref("echo", b).ask(Echo("up")) == "echo:up"
+
+
+async def test_an_unproved_connection_gets_no_trusted_traffic_and_no_say(nodes):
+    """A process on a member's host (here all are on ::1) says hello in the
+    member's name without a proof. While the member has a trusted
+    connection, such a hello is refused; before that, it is an untrusted
+    connection that trusted messages never go over and whose answers to
+    trusted asks are not taken (it used to get the Raft traffic and answer
+    for the member)."""
+    a, b = await nodes(secret=SECRET), await nodes(secret=SECRET)
+    async with raw_client(a) as ws:
+        await ws.send_message(hello_frame(b.address))  # no proof, first
+        await eventually(lambda: a.transport.connections(b.address) == ["in"])
+        got: list = []
+
+        async def ask() -> None:  # b's sleeper never answers
+            with pytest.raises(AskTimeout):
+                got.append(await a.ref("sleeper", b).ask(Secret("raft data"), timeout=2.0))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(ask)
+            await eventually(lambda: len(a.transport.connections(b.address)) == 2)
+            for cid in range(1, 40):  # guess the ask's correlation id
+                await ws.send_message(orjson.dumps(
+                    {"from": b.address + "/", "to": "", "kind": "reply", "cid": cid,
+                     "body": {"$t": "$json", "v": "forged"}}).decode())
+            with trio.move_on_after(0.5):  # nothing trusted came this way
+                frame = await ws.get_message()
+                pytest.fail(f"the unproved connection got {frame!r}")
+        assert got == []
+    await eventually(lambda: a.transport.connections(b.address) == ["out"])
+    async with raw_client(a) as ws:  # now that a trusted connection exists
+        await ws.send_message(hello_frame(b.address))
         with trio.fail_after(BOUND), pytest.raises(ConnectionClosed) as closed:
             while True:
                 await ws.get_message()
     assert closed.value.reason.code == 1002
+    assert await a.ref("echo", b).ask(Secret("still")) == "secret:still"
 
 
 def test_hello_proofs_are_bound_fresh_and_used_once():
     from actors.linkauth import ProofChecker, check_welcome, hello_proof, welcome_frame
 
     now = 1_800_000_000.0
-    checker = ProofChecker(SECRET, clock=lambda: now)
-    proof = hello_proof(SECRET, PEER, now=now)
+    ME = "ws://[::1]:9"
+    checker = ProofChecker(SECRET, ME, clock=lambda: now)
+    proof = hello_proof(SECRET, PEER, ME, now=now)
     nonce = checker.check(PEER, proof)
     with pytest.raises(ProtocolError, match="replay"):
         checker.check(PEER, proof)
-    fresh = hello_proof(SECRET, PEER, now=now)
-    with pytest.raises(ProtocolError, match="does not match"):  # bound to the address
+    fresh = hello_proof(SECRET, PEER, ME, now=now)
+    with pytest.raises(ProtocolError, match="does not match"):  # bound to the dialler...
         checker.check("ws://[::1]:2", fresh)
+    with pytest.raises(ProtocolError, match="does not match"):  # ...and to us
+        checker.check(PEER, hello_proof(SECRET, PEER, "ws://[::1]:8", now=now))
     with pytest.raises(ProtocolError, match="does not match"):
-        checker.check(PEER, hello_proof(b"another secret", PEER, now=now))
+        checker.check(PEER, hello_proof(b"another secret", PEER, ME, now=now))
+    with pytest.raises(ProtocolError, match="does not match"):
+        checker.check(PEER, {**fresh, "mac": "\u00e9" * 64})
     with pytest.raises(ProtocolError, match="off our clock"):
-        checker.check(PEER, hello_proof(SECRET, PEER, now=now - 600))
+        checker.check(PEER, hello_proof(SECRET, PEER, ME, now=now - 600))
     for bad in (None, "x", {"time": now, "nonce": "00" * 16, "mac": "x"},
                 {**fresh, "extra": 1}, {**fresh, "nonce": "short"}):
         with pytest.raises(ProtocolError, match="must be"):
             checker.check(PEER, bad)
-    check_welcome(SECRET, nonce, welcome_frame(SECRET, nonce))
-    with pytest.raises(ProtocolError, match="does not match"):
-        check_welcome(SECRET, fresh["nonce"], welcome_frame(SECRET, nonce))
-    with pytest.raises(ProtocolError, match="does not match"):
-        check_welcome(SECRET, nonce, welcome_frame(b"another secret", nonce))
-    # A hello's own MAC is no welcome (another label).
-    with pytest.raises(ProtocolError, match="does not match"):
-        check_welcome(SECRET, nonce, {"welcome": 1, "mac": proof["mac"]})
+    check_welcome(SECRET, PEER, ME, nonce, welcome_frame(SECRET, PEER, ME, nonce))
+    for wrong in (welcome_frame(SECRET, PEER, ME, fresh["nonce"]),
+                  welcome_frame(b"another secret", PEER, ME, nonce),
+                  welcome_frame(SECRET, PEER, "ws://[::1]:8", nonce),
+                  {"welcome": 1, "mac": proof["mac"]},  # a hello's MAC is no welcome
+                  {"welcome": 1, "mac": "\u00e9" * 64}):
+        with pytest.raises(ProtocolError, match="does not match"):
+            check_welcome(SECRET, PEER, ME, nonce, wrong)
+
+
+async def test_a_wrong_welcome_fails_the_dial(nodes, nursery, caplog):
+    """A member dials an address whose process answers its proof with a
+    welcome that does not prove the secret: the connection is closed and
+    the member's trusted ask finds no link."""
+    from trio_websocket import serve_websocket
+
+    caplog.set_level(logging.INFO, logger="actors.ws")
+    a = await nodes(secret=SECRET, unreachable_after=1.0)
+
+    async def impostor(request) -> None:
+        ws = await request.accept()
+        await ws.get_message()  # the hello, with a's proof
+        await ws.send_message(orjson.dumps({"welcome": 1, "mac": "00" * 32}).decode())
+        with contextlib.suppress(ConnectionClosed):
+            await ws.get_message()
+
+    server = await nursery.start(serve_websocket, impostor, "::1", 0, None)
+    with pytest.raises(Unreachable, match="does not match our shared secret"):
+        await a.ref("echo", format_address("::1", server.port)).ask(Secret("x"), timeout=BOUND)
+    assert any("does not match our shared secret" in getattr(r, "error", "")
+               for r in caplog.records if r.name == "actors.ws")
