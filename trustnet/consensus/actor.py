@@ -367,7 +367,8 @@ class ConsensusActor(Actor):
     async def handle(self, letter: Letter) -> None:
         msg = letter.msg
         if isinstance(msg, RaftEnvelope):
-            self._on_raft(msg)
+            if self._from_its_sender(letter.sender, msg.sender):
+                self._on_raft(msg)
             return
         handler = self._handlers().get(type(msg))
         if handler is None:
@@ -391,6 +392,22 @@ class ConsensusActor(Actor):
             reply = letter.reply
             if reply is not None and not reply.done:  # cancelled: the replica stops
                 letter.fail(CommitUnknown("replica stopped before answering"))
+
+    def _from_its_sender(self, link: str | None, sender: str) -> bool:
+        """A Raft message names the address its replica is reached at, and
+        we route to that replica by it: it must be the link it came over
+        (only members send these, but one must not redirect another's traffic)."""
+        transport = self.system.transport
+        if link is None or transport is None:
+            return True  # sent in this process (tests)
+        try:
+            if transport.link_address(sender) == link:
+                return True
+        except ValueError:
+            pass
+        log.warning("raft message whose sender is not the link it came over, dropped",
+                    extra={"sender": sender, "link": link})
+        return False
 
     def _on_raft(self, env: RaftEnvelope) -> None:
         m = env.msg
