@@ -117,6 +117,7 @@ class MeshActor(Actor):
         self.me = node.node_id
         self.links_sup = links
         self.links: dict[str, LinkInfo] = {}
+        self.table_lock = trio.Lock()  # held while a link is opened or closed
         self.opened = 0  # links opened so far: the next link's serial
         self.dialing: dict[str, float] = {}
         self.pending_in: dict[str, PendingIn] = {}
@@ -203,14 +204,16 @@ class MeshActor(Actor):
             case Direct():
                 return self._on_direct(msg)
             case LinkLost(peer, reason, serial):
-                if peer in self.links and self.links[peer].serial == serial:
-                    await self._close(peer, reason, notify=True)
+                info = self.links.get(peer)
+                if info is not None and info.serial == serial:
+                    await self._close(peer, reason, notify=True, only=info)
                     self._back_off(peer)
                 return None
             case LinkClose(peer, reason):
                 if peer in self.links:
                     log.info("peer closed the link", extra={"peer": peer, "reason": reason})
-                    await self._close(peer, f"peer: {reason}", notify=False)
+                    await self._close(peer, f"peer: {reason}", notify=False,
+                                      only=self.links[peer])
                 return None
             case ReportLinks():
                 for peer in sorted(self.links):
@@ -315,6 +318,7 @@ class MeshActor(Actor):
         remote = self.node.system.ref(MESH_ACTOR, address)
         challenge = new_challenge(self.challenges)
         timeout = self.p.request_timeout
+        mine: LinkInfo | None = None  # the link this dial opened
         try:
             answer = await remote.ask(LinkHello(self.me, self.node.system.address, peer, challenge,
                                                 links=len(self.links)), timeout=timeout)
@@ -332,20 +336,20 @@ class MeshActor(Actor):
                 # this handshake times out unproved.
                 log.debug("no room left for a dialled link", extra={"peer": peer})
                 return False
-            await self._open_link(peer, address, "out")
+            mine = await self._open_link(peer, address, "out")
             proof = sign_challenge(self.node.identity, answer.challenge, self.me, self.me, peer)
             await remote.ask(LinkProof(self.me, peer, proof), timeout=timeout)
         except Refused as exc:
-            if peer in self.links and self.links[peer].direction == "out":
-                await self._close(peer, f"refused: {exc.code}", notify=False)
+            if mine is not None:
+                await self._close(peer, f"refused: {exc.code}", notify=False, only=mine)
             if exc.code not in ("dial_race",):
                 log.info("link refused by peer", extra={"peer": peer, "code": exc.code,
                                                         "error": exc.message})
                 self._back_off(peer)
             return False
         except ActorError as exc:
-            if peer in self.links and self.links[peer].direction == "out":
-                await self._close(peer, "handshake failed", notify=False)
+            if mine is not None:
+                await self._close(peer, "handshake failed", notify=False, only=mine)
             log.debug("dial failed", extra={"peer": peer, "error": str(exc)})
             self._back_off(peer)
             return False
@@ -465,35 +469,49 @@ class MeshActor(Actor):
 
     # ------------------------------------------------------------ links
 
-    async def _open_link(self, peer: str, address: str, direction: str) -> None:
-        if peer in self.links:
-            await self._close(peer, "replaced", notify=False)
-        name = link_name(peer)
-        mesh = self.ref
-        self.opened += 1
-        serial = self.opened
+    async def _open_link(self, peer: str, address: str, direction: str) -> LinkInfo:
+        """Start the link's actor (replacing any link to `peer`) and file it.
+        Opening and closing hold the table lock: they await the links
+        supervisor, and two of them for one peer (a proof and our dial)
+        interleaved used to file one link while the other's actor ran."""
+        async with self.table_lock:
+            if peer in self.links:
+                await self._close_now(peer, "replaced", notify=False)
+            name = link_name(peer)
+            mesh = self.ref
+            self.opened += 1
+            serial = self.opened
 
-        def start() -> PeerLinkActor:
-            return PeerLinkActor(self.node, mesh, peer, address, direction, serial)
+            def start() -> PeerLinkActor:
+                return PeerLinkActor(self.node, mesh, peer, address, direction, serial)
 
-        try:
-            await self.links_sup.start_child(ChildSpec(name, start, Restart.TEMPORARY,
-                                                       mailbox_size=100))
-        except ValueError:  # a link being replaced concurrently: take its place
-            await self.links_sup.stop_child(name)
-            await self.links_sup.start_child(ChildSpec(name, start, Restart.TEMPORARY,
-                                                       mailbox_size=100))
-        link = self.node.system.transport.link_address(address)
-        self.links[peer] = LinkInfo(peer, address, direction, trio.current_time(), serial, link)
+            spec = ChildSpec(name, start, Restart.TEMPORARY, mailbox_size=100)
+            try:
+                await self.links_sup.start_child(spec)
+            except ValueError:  # an actor of a link no longer filed: take its place
+                await self.links_sup.stop_child(name)
+                await self.links_sup.start_child(spec)
+            link = self.node.system.transport.link_address(address)
+            info = self.links[peer] = LinkInfo(peer, address, direction, trio.current_time(),
+                                               serial, link)
         self.events.append((trio.current_time(), "open", peer))
         log.info("link opened", extra={"peer": peer, "address": address, "direction": direction,
                                        "links": len(self.links)})
         self._report(peer, "open")
+        return info
 
-    async def _close(self, peer: str, reason: str, *, notify: bool) -> None:
-        info = self.links.pop(peer, None)
-        if info is None:
+    async def _close(self, peer: str, reason: str, *, notify: bool,
+                     only: LinkInfo | None = None) -> None:
+        """Close the link to `peer` (if it is still `only`, when given)."""
+        async with self.table_lock:
+            await self._close_now(peer, reason, notify=notify, only=only)
+
+    async def _close_now(self, peer: str, reason: str, *, notify: bool,
+                         only: LinkInfo | None = None) -> None:
+        info = self.links.get(peer)
+        if info is None or (only is not None and info is not only):
             return
+        del self.links[peer]
         child = self.links_sup.child(link_name(peer))
         rtt = getattr(child, "rtt", None)
         await self.links_sup.stop_child(link_name(peer))
