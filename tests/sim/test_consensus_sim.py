@@ -630,3 +630,39 @@ async def test_real_clock_with_fsyncs_in_threads(tmp_path):
             await replicas["r2"].consensus.ask(ReadBarrier())
             assert replicas["r2"].actor.state.node_count() == 20
             nursery.cancel_scope.cancel()
+
+
+async def test_a_raft_message_must_come_from_the_address_it_names(tmp_path, autojump_clock):
+    """Replicas route to each other by the sender address in a Raft message;
+    one that names another process's address than the link it came over
+    (here a trusted fourth process speaking for r2) is dropped: no term
+    change, no rerouting."""
+    from trustnet.consensus.actor import RaftEnvelope
+    from trustnet.consensus.messages import Heartbeat as RaftHeartbeat
+
+    net = SimNetwork(3, FaultModel(delay=(0.001, 0.002)))
+    async with trio.open_nursery() as nursery:
+        replicas, addr, _ = await _cluster(nursery, net, tmp_path)
+        await trio.sleep(1.0)
+        lead = _leader(replicas)
+        follower = next(r for r in replicas if r != lead)
+        term = replicas[follower].actor.core.term
+        sent = trio.Event()
+
+        async def other(transport) -> None:
+            system = ActorSystem(transport=transport)
+            async with trio.open_nursery() as own:
+                await own.start(system.serve)
+                forged = RaftEnvelope(addr[lead], RaftHeartbeat(term=term + 100, from_id=lead,
+                                                               to_id=follower, commit=0))
+                await system.ref("consensus", addr[follower]).tell(forged)
+                sent.set()
+                await trio.sleep_forever()
+
+        await net.start_process(nursery, "sim://other", other)
+        await sent.wait()
+        await trio.sleep(0.5)
+        actor = replicas[follower].actor
+        assert actor.core.term == term and actor.addresses[lead] == addr[lead]
+        assert _leader(replicas) == lead
+        nursery.cancel_scope.cancel()
