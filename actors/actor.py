@@ -72,23 +72,26 @@ class Reply:
 class RemoteReply:
     """The answer slot of an ask that came over a link: answers go back as envelopes."""
 
-    __slots__ = ("_system", "_to", "_cid", "done")
+    __slots__ = ("_system", "_to", "_cid", "_trusted", "done")
 
-    def __init__(self, system: ActorSystem, to: str, cid: int):
-        self._system, self._to, self._cid = system, to, cid
+    def __init__(self, system: ActorSystem, to: str, cid: int, trusted: bool = False):
+        # trusted: the ask's message was, so its answer goes back only over
+        # a trusted connection too (see actors.ws, "Trust")
+        self._system, self._to, self._cid, self._trusted = system, to, cid, trusted
         self.done = False
 
     def set(self, value: Any) -> None:
         if not self.done:
             self.done = True
             self._system._send_back(self._to, Envelope(self._system.address + "/", "", "reply",
-                                                       value, self._cid))
+                                                       value, self._cid, self._trusted))
 
     def fail(self, error: BaseException) -> None:
         if not self.done:
             self.done = True
             self._system._send_back(self._to, Envelope(self._system.address + "/", "", "error",
-                                                       codec.error_body(error), self._cid))
+                                                       codec.error_body(error), self._cid,
+                                                       self._trusted))
 
 
 class Letter:
@@ -597,7 +600,8 @@ class ActorSystem:
             else:
                 reply.fail(codec.error_from_body(env.body))
             return
-        reply = RemoteReply(self, env.sender, env.cid) if env.kind == "ask" else None  # type: ignore[arg-type]
+        reply = (RemoteReply(self, env.sender, env.cid, codec.needs_trust(env.body))  # type: ignore[arg-type]
+                 if env.kind == "ask" else None)
         if reply is not None and await self._answered_inline(env.to, env.body, reply):
             return
         letter = Letter(env.body, reply, peer)

@@ -85,6 +85,11 @@ def needs_trust(msg: Any) -> bool:
     return type(msg) in _trusted
 
 
+def envelope_needs_trust(env: "Envelope") -> bool:
+    """Whether `env` may only travel over a trusted connection."""
+    return env.trusted or (env.kind in ("ask", "tell") and type(env.body) in _trusted)
+
+
 def check_trust(envelopes: list["Envelope"], trusted: bool) -> None:
     """ProtocolError if a link that is not trusted carried an ask or tell
     whose message is declared trusted (a reply is checked by the system
@@ -271,6 +276,9 @@ class Envelope:
     kind: str
     body: Any
     cid: int | None = None
+    # Not on the wire: this envelope needs a trusted connection (a reply to
+    # an ask whose message is trusted; asks and tells say so by their type).
+    trusted: bool = False
 
 
 def encode(env: Envelope) -> bytes:

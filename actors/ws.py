@@ -22,15 +22,18 @@ Trust
     the proof, {"welcome": 0} when it has no secret; the dialler reads it
     before the connection counts as up. A connection is trusted once the
     other side's proof checked out. Messages declared `message(...,
-    trusted=True)` travel only over trusted connections: we send them on
-    one (dialling for one if the link has none), we take them only from
-    one (else a ProtocolError), and we take the answer to such an ask only
-    from one. A link's writes prefer its newest trusted connection, and a
-    hello without a proof in the name of an address that has a trusted
-    connection is refused, so an unproved connection from a member's host
-    cannot take its traffic. Hellos without a proof are otherwise served as
-    before (other processes share the port); a wrong proof or welcome closes
-    the connection (1002).
+    trusted=True)` travel only over trusted connections: we send them (and
+    the answers to them) on one, dialling for one if the link has none, and
+    never in a batch with other frames; we take them only from one (else a
+    ProtocolError), and we take the answer to such an ask only from one. A
+    peer that answered our proof with {"welcome": 0} has no secret: for
+    NO_SECRET_HOLD seconds a trusted message to it fails at once. A link's
+    writes prefer its newest trusted connection; when one comes up, the
+    link's unproved connections are closed, and a hello without a proof in
+    the name of an address that has a trusted connection is refused, so an
+    unproved connection from a member's host cannot take its traffic.
+    Hellos without a proof are otherwise served as before (other processes
+    share the port); a wrong proof or welcome closes the connection (1002).
 
 Links
     A link is everything about one peer address: its live connections
@@ -68,6 +71,7 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+import math
 import random
 import socket
 from typing import Literal
@@ -102,6 +106,7 @@ MiB = 1024 * 1024
 HELLO_VERSION = 1
 
 # Websocket close codes (RFC 6455, section 7.4.1).
+CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_TOO_BIG = 1009
@@ -111,6 +116,10 @@ _CLOSE_REASON_BYTES = 120  # a close frame's reason must fit in 123 bytes
 # next reconnect starts without delay; one that dies younger counts as a
 # failed dial, so a peer that accepts and at once drops us is not hammered.
 STABLE_AFTER = 1.0
+
+# A peer that answered our proof with {"welcome": 0} has no secret: for this
+# long, a trusted message to it fails at once instead of dialling again.
+NO_SECRET_HOLD = 10.0
 
 LISTEN_BACKLOG = 128
 # A batch of queued envelopes sent as one frame stays under this (and under
@@ -232,6 +241,10 @@ class _Connection:
         self.trusted = trusted
 
 
+class _NoSecret(Exception):
+    """A dial for a trusted connection reached a peer without the secret."""
+
+
 class _TrustedFrame(str):
     """An encoded envelope whose message needs a trusted connection."""
 
@@ -250,6 +263,7 @@ class _Link:
         self.connections: list[_Connection] = []
         self.waiters = 0  # tasks waiting for this link to come up; dial while > 0
         self.trust_waiters = 0  # those of them that need a trusted connection
+        self.no_secret_until = -math.inf  # see NO_SECRET_HOLD
         self.dialing = False
         self.failures = 0  # failed dials (and short-lived links) since the last good link
         self.last_error = "not dialled yet"
@@ -571,17 +585,20 @@ class WebsocketTransport:
                 except (trio.EndOfChannel, trio.ClosedResourceError):
                     return
             batch, size, carry = [carry], len(carry), None
+            # A batch is all trusted frames or none: they may need different
+            # connections (or none may be found for the trusted ones).
+            trusted = isinstance(batch[0], _TrustedFrame)
             while size < budget:
                 try:
                     frame = link.queue_out.receive_nowait()
                 except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                     break
-                if size + 1 + len(frame) > budget - 2:
+                if (size + 1 + len(frame) > budget - 2
+                        or isinstance(frame, _TrustedFrame) != trusted):
                     carry = frame
                     break
                 batch.append(frame)
                 size += 1 + len(frame)
-            trusted = any(isinstance(f, _TrustedFrame) for f in batch)
             await self._write(link, batch_frames(batch), len(batch), trusted)
 
     async def _write(self, link: _Link, frame: str, envelopes: int, trusted: bool) -> None:
@@ -591,6 +608,13 @@ class WebsocketTransport:
                 try:
                     conn = await self._connected(link, trusted)
                 except Unreachable as exc:
+                    if trusted and link.current is not None:
+                        # Only this batch needs what is missing; the frames
+                        # behind it can go over the link as it is.
+                        log.warning("no trusted link to the peer, dropping envelopes",
+                                    extra={"peer": link.peer, "dropped": envelopes,
+                                           "error": str(exc)})
+                        return
                     dropped = envelopes + link.drop_queued()
                     log.warning("peer unreachable, dropping queued envelopes",
                                 extra={"peer": link.peer, "dropped": dropped, "error": str(exc)})
@@ -610,6 +634,9 @@ class WebsocketTransport:
         if trusted and self._secret is None:
             raise Unreachable(f"{link.peer}: the message needs a trusted link and this "
                               "transport has no secret")
+        if trusted and trio.current_time() < link.no_secret_until:
+            raise Unreachable(f"{link.peer}: the message needs a trusted link and the peer "
+                              "has no shared secret (it answered our proof so)")
         link.waiters += 1
         link.trust_waiters += trusted
         try:
@@ -660,9 +687,9 @@ class WebsocketTransport:
             link.last_error = _describe(exc)
             log.debug("dial failed", extra={"peer": link.peer, "attempt": link.failures,
                                             "error": link.last_error})
-        except ProtocolError as exc:  # its welcome was wrong (logged where it was read)
+        except (ProtocolError, _NoSecret) as exc:  # its welcome was wrong or 0
             link.failures += 1
-            link.last_error = f"ProtocolError: {exc}"
+            link.last_error = f"{type(exc).__name__}: {exc}"
         return False
 
     def _backoff(self, failures: int) -> float:
@@ -722,8 +749,12 @@ class WebsocketTransport:
         except orjson.JSONDecodeError:
             data = None
         try:
-            if data == {"welcome": 0}:
-                return  # the acceptor has no secret: an untrusted connection
+            if data == {"welcome": 0}:  # the acceptor has no secret
+                link.no_secret_until = trio.current_time() + NO_SECRET_HOLD
+                if link.connections:  # dialled for trust in vain: do not keep a spare
+                    await self._close(conn, CLOSE_NORMAL, "no shared secret")
+                    raise _NoSecret(f"{link.peer} has no shared secret")
+                return  # an untrusted connection, the link's only one
             check_welcome(self._secret, self.address, link.peer, nonce, data)  # type: ignore[arg-type]
         except ProtocolError as exc:
             await self._reject(conn, link.peer, exc)
@@ -777,8 +808,15 @@ class WebsocketTransport:
     def _attach(self, link: _Link, conn: _Connection) -> None:
         link.connections.append(conn)
         log.info("link up", extra={"peer": link.peer, "remote": conn.remote,
-                                   "direction": conn.direction,
+                                   "direction": conn.direction, "trusted": conn.trusted,
                                    "connections": len(link.connections)})
+        if conn.trusted:
+            link.no_secret_until = -math.inf
+            # An unproved connection in the name of a peer that proves the
+            # secret is not its own: it must not carry the peer's traffic.
+            for other in [c for c in link.connections if not c.trusted]:
+                self._io.start_soon(self._close, other, CLOSE_NORMAL,  # type: ignore[union-attr]
+                                    "superseded by a connection that proved the shared secret")
         link.changed()
 
     def _detach(self, link: _Link, conn: _Connection) -> None:
@@ -828,7 +866,7 @@ class WebsocketTransport:
         if len(data) > self.max_frame_bytes:
             raise ProtocolError(f"envelope to {envelope.to!r} is {len(data)} bytes, over the "
                                 f"{self.max_frame_bytes}-byte frame limit")
-        if envelope.kind in ("ask", "tell") and codec.needs_trust(envelope.body):
+        if codec.envelope_needs_trust(envelope):
             return _TrustedFrame(data.decode())
         return data.decode()
 

@@ -774,8 +774,9 @@ async def test_a_member_and_a_process_without_the_secret_still_talk(nodes):
     assert await a.ref("echo", plain).ask(Echo("hi")) == "echo:hi"
     assert await plain.ref("echo", a).ask(Echo("back")) == "echo:back"
     assert a.transport.connections(plain.address) == ["out"]
-    with pytest.raises(Unreachable, match="no trusted link"):
+    with pytest.raises(Unreachable, match="no shared secret"):  # it said so: at once
         await a.ref("echo", plain).ask(Secret("x"), timeout=BOUND)
+    assert a.transport.connections(plain.address) == ["out"]  # no spare dialled
 
 
 async def test_a_raw_client_with_the_secret_is_welcomed_and_trusted(nodes):
@@ -812,11 +813,11 @@ async def test_a_raw_client_with_the_secret_is_welcomed_and_trusted(nodes):
 
 async def test_an_unproved_connection_gets_no_trusted_traffic_and_no_say(nodes):
     """A process on a member's host (here all are on ::1) says hello in the
-    member's name without a proof. While the member has a trusted
-    connection, such a hello is refused; before that, it is an untrusted
-    connection that trusted messages never go over and whose answers to
-    trusted asks are not taken (it used to get the Raft traffic and answer
-    for the member)."""
+    member's name without a proof. Before the member has a trusted
+    connection, that is an untrusted connection: trusted messages never go
+    over it, its answers to trusted asks are not taken (it used to get the
+    Raft traffic and answer for the member), and it is closed once a
+    trusted connection comes up. After that, such a hello is refused."""
     a, b = await nodes(secret=SECRET), await nodes(secret=SECRET)
     async with raw_client(a) as ws:
         await ws.send_message(hello_frame(b.address))  # no proof, first
@@ -829,14 +830,16 @@ async def test_an_unproved_connection_gets_no_trusted_traffic_and_no_say(nodes):
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ask)
-            await eventually(lambda: len(a.transport.connections(b.address)) == 2)
-            for cid in range(1, 40):  # guess the ask's correlation id
-                await ws.send_message(orjson.dumps(
-                    {"from": b.address + "/", "to": "", "kind": "reply", "cid": cid,
-                     "body": {"$t": "$json", "v": "forged"}}).decode())
-            with trio.move_on_after(0.5):  # nothing trusted came this way
-                frame = await ws.get_message()
-                pytest.fail(f"the unproved connection got {frame!r}")
+            await eventually(lambda: a.system._pending)  # the ask waits for its answer
+            with trio.fail_after(BOUND), pytest.raises(ConnectionClosed) as closed:
+                for cid in range(1, 40):  # guess its correlation id
+                    await ws.send_message(orjson.dumps(
+                        {"from": b.address + "/", "to": "", "kind": "reply", "cid": cid,
+                         "body": {"$t": "$json", "v": "forged"}}).decode())
+                while True:  # nothing comes this way; a closes it
+                    frame = await ws.get_message()
+                    pytest.fail(f"the unproved connection got {frame!r}")
+            assert closed.value.reason.reason.startswith("superseded")
         assert got == []
     await eventually(lambda: a.transport.connections(b.address) == ["out"])
     async with raw_client(a) as ws:  # now that a trusted connection exists
