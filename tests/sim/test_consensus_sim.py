@@ -633,10 +633,11 @@ async def test_real_clock_with_fsyncs_in_threads(tmp_path):
 
 
 async def test_a_raft_message_must_come_from_the_address_it_names(tmp_path, autojump_clock):
-    """Replicas route to each other by the sender address in a Raft message;
-    one that names another process's address than the link it came over
-    (here a trusted fourth process speaking for r2) is dropped: no term
-    change, no rerouting."""
+    """Replicas route to each other by the sender address in a Raft message.
+    One that names another address than the link it came over is dropped,
+    and so is one from a member id known at another address (here a trusted
+    fourth process speaking for the leader both ways): no term change, no
+    rerouting."""
     from trustnet.consensus.actor import RaftEnvelope
     from trustnet.consensus.messages import Heartbeat as RaftHeartbeat
 
@@ -653,9 +654,10 @@ async def test_a_raft_message_must_come_from_the_address_it_names(tmp_path, auto
             system = ActorSystem(transport=transport)
             async with trio.open_nursery() as own:
                 await own.start(system.serve)
-                forged = RaftEnvelope(addr[lead], RaftHeartbeat(term=term + 100, from_id=lead,
-                                                               to_id=follower, commit=0))
-                await system.ref("consensus", addr[follower]).tell(forged)
+                for sender in (addr[lead], "sim://other"):
+                    forged = RaftEnvelope(sender, RaftHeartbeat(term=term + 100, from_id=lead,
+                                                                to_id=follower, commit=0))
+                    await system.ref("consensus", addr[follower]).tell(forged)
                 sent.set()
                 await trio.sleep_forever()
 

@@ -414,10 +414,29 @@ class ConsensusActor(Actor):
         if not isinstance(m, RAFT_MESSAGES):
             log.warning("not a raft message", extra={"type": type(m).__name__})
             return
-        if m.from_id != self.id and self.addresses.get(m.from_id) != env.sender:
-            self.addresses[m.from_id] = env.sender
+        if m.from_id != self.id:
+            known = self.addresses.get(m.from_id)
+            if known is None:
+                # a member added after we booted: this is how we learn where it is
+                self.addresses[m.from_id] = env.sender
+            elif not self._same_address(known, env.sender):
+                # Ids are never reused: another process speaking for a member
+                # we know elsewhere would take over its traffic.
+                log.warning("raft message from a member at another address than its own, "
+                            "dropped", extra={"member": m.from_id, "sender": env.sender,
+                                              "known": known})
+                return
         self.core.step(m)
         self._kick()
+
+    def _same_address(self, a: str, b: str) -> bool:
+        if a == b:
+            return True
+        transport = self.system.transport
+        try:
+            return transport is not None and transport.link_address(a) == transport.link_address(b)
+        except ValueError:
+            return False
 
     # ------------------------------------------------------------ driver
 
