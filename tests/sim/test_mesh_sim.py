@@ -546,3 +546,27 @@ def test_no_node_goes_over_its_links_while_dials_are_under_way():
             most[seed] = trio.run(links_at_most, seed,
                                   clock=trio.testing.MockClock(autojump_threshold=0))
     assert all(m <= 2 for m in most.values()), most
+
+
+async def test_two_openings_of_one_link_file_the_actor_that_runs(seeded, autojump_clock):
+    """A peer's proof and our own dial to it can open its link at once. Each
+    opening awaits the links supervisor; interleaved, they raised out of it
+    (a child of that name was back already: here, on the code before the
+    lock) or one filed its link while the other's actor ran, so that
+    actor's LinkLost (which names its serial) was ignored and a dead link
+    stayed counted. Opening and closing hold a lock."""
+    from trustnet.node.peerlink import link_name
+
+    cluster = Cluster(seed=8, n=3, max_connections=2)
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery)
+        await settle(cluster, cluster.names, limit=30)
+        mesh = cluster.mesh("n00")
+        peer = sorted(mesh.links)[0]
+        address = mesh.links[peer].address
+        async with trio.open_nursery() as both:
+            both.start_soon(mesh._open_link, peer, address, "out")
+            both.start_soon(mesh._open_link, peer, address, "in")
+        running = mesh.links_sup.child(link_name(peer))
+        assert running is not None and mesh.links[peer].serial == running.serial
+        nursery.cancel_scope.cancel()
