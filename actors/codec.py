@@ -97,7 +97,7 @@ def check_trust(envelopes: list["Envelope"], trusted: bool) -> None:
     if trusted:
         return
     for env in envelopes:
-        if env.kind in ("ask", "tell") and type(env.body) in _trusted:
+        if envelope_needs_trust(env):
             raise ProtocolError(f"message {_cls_to_tag[type(env.body)]!r} is only accepted "
                                 "on a trusted link (a peer that proved the shared secret)")
 

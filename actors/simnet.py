@@ -50,6 +50,7 @@ import trio
 import trio.testing
 
 from . import codec
+from .actor import ActorSystem
 from .codec import Envelope
 from .errors import ProtocolError, Unreachable
 from .transport import Deliver, LinkDown
@@ -240,6 +241,21 @@ class SimNetwork:
             await nursery.start(self.run)
         self._procs[address] = _Process(main, nursery)
         await nursery.start(self._run_process, address)
+
+    async def start_system(self, nursery: trio.Nursery, address: str,
+                           body: Callable[[ActorSystem], Awaitable[None]], *,
+                           trusted: bool = True) -> None:
+        """A process that is only an ActorSystem running `await body(system)`,
+        then idle: a peer written in a test (one that sends what real peers
+        do not, say)."""
+        async def main(transport: SimTransport) -> None:
+            system = ActorSystem(transport=transport)
+            async with trio.open_nursery() as inner:
+                await inner.start(system.serve)
+                await body(system)
+                await trio.sleep_forever()
+
+        await self.start_process(nursery, address, main, trusted=trusted)
 
     async def _run_process(self, address: str, *,
                            task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

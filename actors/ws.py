@@ -232,13 +232,13 @@ class _Connection:
 
     __slots__ = ("ws", "remote", "direction", "since", "trusted")
 
-    def __init__(self, ws: WebSocketConnection, *, trusted: bool = False):
+    def __init__(self, ws: WebSocketConnection):
         self.ws = ws
         self.remote = _endpoint(ws)  # read now: the socket may be gone when we log its end
         self.direction: Literal["in", "out"] = "out" if ws.is_client else "in"
         self.since = trio.current_time()
-        # The peer proved the shared secret: it may carry `trusted` messages.
-        self.trusted = trusted
+        # Set once the peer proved the shared secret: it may carry `trusted` messages.
+        self.trusted = False
 
 
 class _NoSecret(Exception):

@@ -488,13 +488,18 @@ def _leader(replicas):
     return next((r for r, rep in replicas.items() if rep.actor.core.role == LEADER), None)
 
 
+async def _settled(nursery, net, tmp_path):
+    """Three replicas a second after their start: (replicas, addresses, leader, a follower)."""
+    replicas, addr, _ = await _cluster(nursery, net, tmp_path)
+    await trio.sleep(1.0)
+    lead = _leader(replicas)
+    return replicas, addr, lead, next(r for r in replicas if r != lead)
+
+
 async def test_propose_forward_read_status_and_sessions(tmp_path, autojump_clock):
     net = SimNetwork(1, FaultModel(delay=(0.001, 0.002)))
     async with trio.open_nursery() as nursery:
-        replicas, addr, _ = await _cluster(nursery, net, tmp_path)
-        await trio.sleep(1.0)
-        lead = _leader(replicas)
-        follower = next(r for r in replicas if r != lead)
+        replicas, addr, lead, follower = await _settled(nursery, net, tmp_path)
         ref = replicas[follower].consensus
         cmd = RegisterNode(node_id="a", ipv6="fd10::1", port=1, domain="d", at=T0, lease_deadline=T0)
         first = await ref.ask(Propose(cmd, "req-1"))
@@ -643,25 +648,18 @@ async def test_a_raft_message_must_come_from_the_address_it_names(tmp_path, auto
 
     net = SimNetwork(3, FaultModel(delay=(0.001, 0.002)))
     async with trio.open_nursery() as nursery:
-        replicas, addr, _ = await _cluster(nursery, net, tmp_path)
-        await trio.sleep(1.0)
-        lead = _leader(replicas)
-        follower = next(r for r in replicas if r != lead)
+        replicas, addr, lead, follower = await _settled(nursery, net, tmp_path)
         term = replicas[follower].actor.core.term
         sent = trio.Event()
 
-        async def other(transport) -> None:
-            system = ActorSystem(transport=transport)
-            async with trio.open_nursery() as own:
-                await own.start(system.serve)
-                for sender in (addr[lead], "sim://other"):
-                    forged = RaftEnvelope(sender, RaftHeartbeat(term=term + 100, from_id=lead,
-                                                                to_id=follower, commit=0))
-                    await system.ref("consensus", addr[follower]).tell(forged)
-                sent.set()
-                await trio.sleep_forever()
+        async def other(system: ActorSystem) -> None:
+            for sender in (addr[lead], "sim://other"):
+                forged = RaftEnvelope(sender, RaftHeartbeat(term=term + 100, from_id=lead,
+                                                            to_id=follower, commit=0))
+                await system.ref("consensus", addr[follower]).tell(forged)
+            sent.set()
 
-        await net.start_process(nursery, "sim://other", other)
+        await net.start_system(nursery, "sim://other", other)
         await sent.wait()
         await trio.sleep(0.5)
         actor = replicas[follower].actor

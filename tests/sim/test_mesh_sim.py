@@ -385,18 +385,15 @@ async def test_unproven_handshakes_do_not_hold_link_slots(seeded, autojump_clock
         victim = "n00"
         squatter = format_address("fd10:1234::66", 9000)
 
-        async def squat(transport: SimTransport) -> None:
-            system = ActorSystem(transport=transport)
-            async with trio.open_nursery() as inner:
-                await inner.start(system.serve)
-                mesh = system.ref("mesh", address_of(victim))
-                while True:
-                    for name in cluster.names:
-                        if name != victim:
-                            with contextlib.suppress(ActorError):
-                                await mesh.ask(LinkHello(name, squatter, victim, "00" * 16,
-                                                         links=1), timeout=1.0)
-                    await trio.sleep(4.0)
+        async def squat(system: ActorSystem) -> None:
+            mesh = system.ref("mesh", address_of(victim))
+            while True:
+                for name in cluster.names:
+                    if name != victim:
+                        with contextlib.suppress(ActorError):
+                            await mesh.ask(LinkHello(name, squatter, victim, "00" * 16,
+                                                     links=1), timeout=1.0)
+                await trio.sleep(4.0)
 
         # One of the victim's links goes, and a node it has no link with (6
         # nodes are left, room for 3 links each); the squatting starts at once.
@@ -405,7 +402,7 @@ async def test_unproven_handshakes_do_not_hold_link_slots(seeded, autojump_clock
                      if n not in (victim, lost) and n not in cluster.mesh(victim).links)
         for name in (lost, other):
             cluster.net.crash(address_of(name))
-        await cluster.net.start_process(nursery, squatter, squat)
+        await cluster.net.start_system(nursery, squatter, squat)
         await trio.sleep(120.0)
         mesh = cluster.mesh(victim)
         assert mesh.pending_in  # the squatter's handshakes are there...
@@ -449,18 +446,25 @@ def test_crossing_dials_settle_on_one_dialler():
         {s: o for s, o in outcomes.items() if set(o) != {"in", "out"}}
 
 
+@contextlib.asynccontextmanager
+async def three_nodes(seed: int):
+    """Three settled nodes with 2 links each: n00's mesh and its first peer."""
+    cluster = Cluster(seed=seed, n=3, max_connections=2)
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery)
+        await settle(cluster, cluster.names, limit=30)
+        mesh = cluster.mesh("n00")
+        yield mesh, sorted(mesh.links)[0]
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_replaced_links_loss_does_not_close_its_successor(seeded, autojump_clock):
     """A PeerLinkActor that lost its peer tells the mesh; if the link was
     replaced meanwhile (the peer dialled again), that report sits in the
     mailbox and used to close the new link too."""
     from trustnet.node.messages import LinkLost
 
-    cluster = Cluster(seed=6, n=3, max_connections=2)
-    async with trio.open_nursery() as nursery:
-        await cluster.start(nursery)
-        await settle(cluster, cluster.names, limit=30)
-        mesh = cluster.mesh("n00")
-        peer = sorted(mesh.links)[0]
+    async with three_nodes(seed=6) as (mesh, peer):
         current = mesh.links[peer]
         await mesh.ref.tell(LinkLost(peer, "3 missed pongs", current.serial - 1))
         await trio.sleep(0.5)
@@ -468,7 +472,6 @@ async def test_a_replaced_links_loss_does_not_close_its_successor(seeded, autoju
         await mesh.ref.tell(LinkLost(peer, "3 missed pongs", current.serial))
         await trio.sleep(0.5)
         assert mesh.links.get(peer) is not current
-        nursery.cancel_scope.cancel()
 
 
 async def test_mesh_messages_must_come_from_the_link_they_name(seeded, autojump_clock):
@@ -489,18 +492,14 @@ async def test_mesh_messages_must_come_from_the_link_they_name(seeded, autojump_
         stranger_address = format_address("fd10:1234::77", 9000)
         sent = trio.Event()
 
-        async def stranger(transport: SimTransport) -> None:
-            system = ActorSystem(transport=transport)
-            async with trio.open_nursery() as inner:
-                await inner.start(system.serve)
-                mesh = system.ref("mesh", address_of("n00"))
-                await mesh.tell(Direct("f" * 16, friend, "n00", '"forged"'))
-                await mesh.tell(Flood("e" * 16, friend, friend, 5, '"forged flood"'))
-                await mesh.tell(LinkClose(friend, "forged close"))
-                sent.set()
-                await trio.sleep_forever()
+        async def stranger(system: ActorSystem) -> None:
+            mesh = system.ref("mesh", address_of("n00"))
+            await mesh.tell(Direct("f" * 16, friend, "n00", '"forged"'))
+            await mesh.tell(Flood("e" * 16, friend, friend, 5, '"forged flood"'))
+            await mesh.tell(LinkClose(friend, "forged close"))
+            sent.set()
 
-        await cluster.net.start_process(nursery, stranger_address, stranger)
+        await cluster.net.start_system(nursery, stranger_address, stranger)
         await sent.wait()
         # A linked peer passing a flood off as another link's:
         friend_mesh = cluster.contexts[friend].system.ref("mesh", address_of("n00"))
@@ -557,16 +556,10 @@ async def test_two_openings_of_one_link_file_the_actor_that_runs(seeded, autojum
     stayed counted. Opening and closing hold a lock."""
     from trustnet.node.peerlink import link_name
 
-    cluster = Cluster(seed=8, n=3, max_connections=2)
-    async with trio.open_nursery() as nursery:
-        await cluster.start(nursery)
-        await settle(cluster, cluster.names, limit=30)
-        mesh = cluster.mesh("n00")
-        peer = sorted(mesh.links)[0]
+    async with three_nodes(seed=8) as (mesh, peer):
         address = mesh.links[peer].address
         async with trio.open_nursery() as both:
             both.start_soon(mesh._open_link, peer, address, "out")
             both.start_soon(mesh._open_link, peer, address, "in")
         running = mesh.links_sup.child(link_name(peer))
         assert running is not None and mesh.links[peer].serial == running.serial
-        nursery.cancel_scope.cancel()

@@ -397,14 +397,8 @@ class ConsensusActor(Actor):
         """A Raft message names the address its replica is reached at, and
         we route to that replica by it: it must be the link it came over
         (only members send these, but one must not redirect another's traffic)."""
-        transport = self.system.transport
-        if link is None or transport is None:
-            return True  # sent in this process (tests)
-        try:
-            if transport.link_address(sender) == link:
-                return True
-        except ValueError:
-            pass
+        if link is None or self._same_address(sender, link):
+            return True  # (None: sent in this process, in tests)
         log.warning("raft message whose sender is not the link it came over, dropped",
                     extra={"sender": sender, "link": link})
         return False
@@ -430,6 +424,7 @@ class ConsensusActor(Actor):
         self._kick()
 
     def _same_address(self, a: str, b: str) -> bool:
+        """Whether two spellings name one process (as the transport names links)."""
         if a == b:
             return True
         transport = self.system.transport

@@ -27,10 +27,10 @@ a mesh split by a partition merges again once the partition heals.
 Messages. A broadcast floods over the links with a random id, a hop limit and
 dedup (trustnet.node.flood): every node delivers it once. A flood is taken
 only over the link of the peer it names as `via`, a direct message only
-over the link of its origin (and a LinkClose only from the peer it closes). A direct message
-goes over the link to its target, opened on demand from the registry's
-address for it; if no link can be opened it is flooded with a target, and
-only the target delivers it.
+over the link of its origin (and a LinkClose only from the peer it closes).
+A direct message goes over the link to its target, opened on demand from
+the registry's address for it; if no link can be opened it is flooded with
+a target, and only the target delivers it.
 """
 
 from __future__ import annotations
