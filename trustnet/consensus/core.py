@@ -684,6 +684,12 @@ class RaftCore:
             # (both vote for themselves) and cost another election timeout:
             # of two that could each win, the larger id goes on.
             granted = False
+            if m.from_id not in self._votes:
+                # It did not answer our request: it still had a leader then
+                # (requests inside a leader's lease go unanswered). It has
+                # none now, so ask again, or both would sit out a whole
+                # new election timeout.
+                self._send(self._vote_request(m.from_id, pre_vote=True, transfer=False))
         if granted and not m.pre_vote:
             self.vote = m.from_id
             self.election_elapsed = 0
@@ -995,12 +1001,10 @@ class RaftCore:
             # Ask whether we *could* win term+1 before disturbing anyone's term.
             self._reset(self.term)
             self.role = PRE_CANDIDATE
-            vote_term = self.term + 1
         else:
             self._reset(self.term + 1)
             self.role = CANDIDATE
             self.vote = self.id
-            vote_term = self.term
         self.progress = {}
         self._votes = {self.id: True}
         if self._quorum({self.id}):
@@ -1011,9 +1015,13 @@ class RaftCore:
             return
         for v in sorted(self.voters):
             if v != self.id:
-                self._send(VoteRequest(term=vote_term, from_id=self.id, to_id=v,
-                                       last_log_index=self.last_index, last_log_term=self.last_term(),
-                                       pre_vote=pre_vote, transfer=transfer))
+                self._send(self._vote_request(v, pre_vote, transfer))
+
+    def _vote_request(self, to: str, pre_vote: bool, transfer: bool) -> VoteRequest:
+        # A pre-vote asks for the term we would campaign in; a vote is in ours.
+        return VoteRequest(term=self.term + 1 if pre_vote else self.term, from_id=self.id, to_id=to,
+                           last_log_index=self.last_index, last_log_term=self.last_term(),
+                           pre_vote=pre_vote, transfer=transfer)
 
     def _become_leader(self) -> None:
         self._reset(self.term)
