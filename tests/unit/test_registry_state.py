@@ -316,6 +316,31 @@ def test_pages_take_ids_from_memory_and_read_only_uncached_rows_by_key(state, lo
     assert "(id=?)" in plan, plan
 
 
+def test_a_renewal_keeps_the_row_and_only_its_lease_is_read_again(state, log):
+    """A renewal changes only a row's lease fields: the next page appends the
+    new lease to the row it had, without reading SQLite; a write to the row
+    after that renewal still shows."""
+    log.apply(reg("n1", "fd10::1", port=7001))
+    leases = LeaseTable(ttl=30.0)
+    leases.grant("n1", T0)
+    state.list_nodes(limit=10, leases=leases)  # cached
+    leases.grant("n1", T0 + 5)
+    statements: list[str] = []
+    state._conn.set_trace_callback(statements.append)
+    [row] = state.list_nodes(limit=10, leases=leases)["nodes"]
+    state._conn.set_trace_callback(None)
+    assert not [s for s in statements if "FROM nodes" in s], statements
+    assert row["lease_deadline"] == T0 + 35 and row["last_heartbeat"] == iso_utc(T0 + 5)
+
+    leases.grant("n1", T0 + 6)  # renewed again, then the row itself changes
+    log.apply(reg("n1", "fd10::1", port=7002))
+    [row] = state.list_nodes(limit=10, leases=leases)["nodes"]
+    assert row["port"] == 7002 and row["last_heartbeat"] == iso_utc(T0 + 6)
+    leases.drop("n1")  # no live lease: the stored one shows
+    [row] = state.list_nodes(limit=10, leases=leases)["nodes"]
+    assert row == _uncached_pages(state, None, leases)[0]
+
+
 def _with_lease(row: dict, leases: LeaseTable) -> dict:
     if leases.deadline(row["id"]) is not None:
         row = {**row, "lease_deadline": leases.deadline(row["id"]),
@@ -379,6 +404,8 @@ def test_pages_served_from_the_row_cache_always_match_the_table(state, log, seed
 
     for step in range(80):
         now += 1
+        if rng.random() < 0.5:  # renewals before the writes too: a row cached,
+            change_leases()     # renewed, then written
         roll = rng.random()
         if roll < 0.05:
             state.restore(other.snapshot(), other.applied_index)

@@ -114,6 +114,7 @@ FROM nodes AS n CROSS JOIN domains AS d ON d.id = n.domain_id
 _NODE_FIELDS = ("id", "domain", "ipv6", "port", "reputation", "registered_at", "public_key",
                 "last_heartbeat", "lease_deadline")
 _LEASE_FIELDS = 2
+_LEASE_HEAD = b',"last_heartbeat":'  # where a row's closing lease fields start
 # Node rows kept for pages, as JSON (~0.3 KB a node, so ~45 MB at most);
 # past this many the cache starts over.
 ROW_CACHE_LIMIT = 150_000
@@ -226,6 +227,12 @@ class RegistryState:
         # Any write to a node row, by any statement, drops it (temp
         # triggers, below); so does any change of its lease (on_change).
         self._rows: dict[str, bytes] = {}
+        # A renewal only changes a row's closing lease fields: the row moves
+        # here without them, and the next page that shows it appends the new
+        # lease instead of reading the row from SQLite again. (Every node
+        # renews within a heartbeat interval: dropping the whole row made
+        # most of a page's rows misses.) A write to the row drops both.
+        self._heads: dict[str, bytes] = {}
         self._rows_leases: LeaseTable | None = None
         # domain name -> id, as pages found them: a committed domain is only
         # ever removed by a restore, which clears this.
@@ -596,24 +603,43 @@ class RegistryState:
         """The rows of `ids` as a page shows them with `leases`, from the row
         cache where it has them."""
         if leases is not self._rows_leases:  # another table: a restarted actor, a new leader
-            self._rows.clear()
+            self._forget_rows()
             self._rows_leases = leases
-            leases.on_change = self._forget_row  # each renewal drops the node's row
+            leases.on_change = self._lease_changed
         rows = self._rows
         found = [rows.get(node_id) for node_id in ids]
         if None in found:
             missing = [node_id for node_id, row in zip(ids, found) if row is None]
-            if len(rows) + len(missing) > ROW_CACHE_LIMIT:
-                rows.clear()
-            stored = self._read_rows(missing)
+            if len(rows) + len(self._heads) + len(missing) > ROW_CACHE_LIMIT:
+                self._forget_rows()
+            heads = self._heads
+            unread = []
             for node_id, live in zip(missing, leases.lease_fields(missing, iso_utc)):
-                head, stored_lease = stored[node_id]
-                rows[node_id] = head + (live or stored_lease)
+                head = heads.pop(node_id, None)
+                if head is not None and live is not None:
+                    rows[node_id] = head + live
+                else:  # no lease: the row shows the stored one
+                    unread.append(node_id)
+            if unread:
+                stored = self._read_rows(unread)
+                for node_id, live in zip(unread, leases.lease_fields(unread, iso_utc)):
+                    head, stored_lease = stored[node_id]
+                    rows[node_id] = head + (live or stored_lease)
             found = [rows[node_id] for node_id in ids]
         return found
 
+    def _lease_changed(self, node_id: str) -> None:
+        row = self._rows.pop(node_id, None)
+        if row is not None:  # the lease fields close the row (_row_json)
+            self._heads[node_id] = row[:row.rfind(_LEASE_HEAD)]
+
     def _forget_row(self, node_id: str) -> None:
         self._rows.pop(node_id, None)
+        self._heads.pop(node_id, None)
+
+    def _forget_rows(self) -> None:
+        self._rows.clear()
+        self._heads.clear()
 
     def _read_rows(self, ids: list[str]) -> dict[str, tuple[bytes, bytes]]:
         """id -> _row_json of its stored row, in the order of `ids`."""
@@ -632,7 +658,7 @@ class RegistryState:
             "LEFT JOIN main.nodes AS n ON n.id = c.id").fetchall()
         self._conn.execute("DELETE FROM temp.changed_nodes")
         for node_id, _domain_id in changed:
-            self._rows.pop(node_id, None)
+            self._forget_row(node_id)
         return changed
 
     def _read_order(self) -> NodeOrder:
@@ -778,7 +804,7 @@ class RegistryState:
         finally:
             self._keys.clear()
             self._domain_ids.clear()
-            self._rows.clear()
+            self._forget_rows()
             self._conn.execute("DELETE FROM temp.changed_nodes")
         self._order = self._read_order()  # every row was replaced
         self._applied = index
