@@ -11,7 +11,9 @@ Workloads (plain dicts, so they cross process boundaries):
     {"kind": "static", "method": "GET", "path": "/ping", "body": None}
     {"kind": "register", "tag": "r3", "net": 3, "domain": "bench-reg"}
         POST /nodes with unique ids "<tag>-<thread>-<n>" and unique addresses
-        fd10:1234:<net>:<thread>::<n>, a new id for every request
+        fd10:1234:<net>:<thread+1>:<n/65536+1>::<n%65536>, a new id for every
+        request; the addresses are in compressed form (but for n%65536 = 0),
+        as `trustnet node` sends its address
     {"kind": "heartbeat", "nodes": N}
         POST /nodes/n<i>/heartbeat for a random preloaded node i < N
     {"kind": "query", "domain": "bench", "nodes": N, "limit": 100}
@@ -142,10 +144,10 @@ def _lua_requests(work: dict) -> str:
         return (
             "function request()\n"
             "  counter = counter + 1\n"
-            "  local body = string.format('{\"id\":\"%s-%d-%d\",\"ipv6\":\"fd10:1234:%x:%x::%x:%x\","
+            "  local body = string.format('{\"id\":\"%s-%d-%d\",\"ipv6\":\"fd10:1234:%x:%x:%x::%x\","
             "\"domain\":\"%s\"}', "
-            f"{_lua_string(work['tag'])}, tid, counter, {int(work['net'])}, tid, "
-            f"math.floor(counter / 65536), counter % 65536, {_lua_string(work['domain'])})\n"
+            f"{_lua_string(work['tag'])}, tid, counter, {int(work['net'])}, tid + 1, "
+            f"math.floor(counter / 65536) + 1, counter % 65536, {_lua_string(work['domain'])})\n"
             f"  return wrk.format(\"POST\", \"/nodes\", {json_headers}, body)\n"
             "end\n")
     if kind == "heartbeat":
@@ -219,8 +221,8 @@ def _generator(work: dict, host_header: str, rnd: random.Random, tid: int,
         def register() -> bytes:
             nonlocal counter
             counter += 1
-            body = (f'{{"id":"{tag}-{tid}-{counter}","ipv6":"fd10:1234:{net:x}:{tid:x}::'
-                    f'{counter >> 16:x}:{counter & 0xFFFF:x}","domain":"{domain}"}}').encode()
+            body = (f'{{"id":"{tag}-{tid}-{counter}","ipv6":"fd10:1234:{net:x}:{tid + 1:x}:'
+                    f'{(counter >> 16) + 1:x}::{counter & 0xFFFF:x}","domain":"{domain}"}}').encode()
             return _request_bytes("POST", "/nodes", host_header, body)
         return register
     if kind == "heartbeat":

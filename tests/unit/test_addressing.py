@@ -6,7 +6,14 @@ import ipaddress
 import pytest
 
 import trustnet.addressing as addressing
-from trustnet.addressing import REGISTRY_PREFIX, TRUSTNET_PREFIX, parse_ipv6, ula_for
+from trustnet.addressing import (
+    REGISTRY_PREFIX,
+    TRUSTNET_PREFIX,
+    canonical_ipv6,
+    compressed_ipv6_bytes,
+    parse_ipv6,
+    ula_for,
+)
 
 
 def test_prefixes():
@@ -98,3 +105,47 @@ def test_parse_ipv6_message_shortens_huge_input():
     with pytest.raises(ValueError) as info:
         parse_ipv6("x" * 10_000)
     assert len(str(info.value)) < 120
+
+
+def _address_texts(rng):
+    """Addresses of every shape that matters to the compressed form: runs of
+    zero groups of each length and place (ties too), leading zeros, upper
+    case, IPv4-mapped and -compatible ones, multicast, the unspecified one."""
+    for _ in range(4000):
+        groups = [rng.choice([0, 0, 0, 1, 0xFFFF, rng.randrange(0x10000)]) for _ in range(8)]
+        if rng.random() < 0.1:
+            groups[:6] = [0, 0, 0, 0, 0, rng.choice([0, 0xFFFF])]
+        if rng.random() < 0.05:
+            groups[0] = 0xFF00 | rng.randrange(0x100)
+        addr = ipaddress.IPv6Address(b"".join(g.to_bytes(2, "big") for g in groups))
+        yield addr.compressed
+        yield addr.exploded
+        yield addr.compressed.upper()
+        yield str(addr)
+        yield ":".join(f"{g:x}" for g in groups)  # nothing compressed
+
+
+def test_fast_ipv6_paths_agree_with_ipaddress():
+    import random
+    rng = random.Random(7)
+    for text in [*_address_texts(rng), "::", "::1", "::ffff:1.2.3.4", "::1.2.3.4", "fe80::1%eth0",
+                 " fd10::1", "fd10::1 ", "[::1]", "1.2.3.4", "", "x", "fd10:::1", "fd10::01", "FD10::1"]:
+        try:
+            expected = parse_ipv6(text).compressed
+        except ValueError as exc:
+            with pytest.raises(ValueError) as info:
+                canonical_ipv6(text)
+            assert str(info.value) == str(exc)
+        else:
+            assert canonical_ipv6(text) == expected, text
+        try:
+            strict = ipaddress.IPv6Address(text)
+        except ValueError:
+            assert compressed_ipv6_bytes(text) is None, text
+            continue
+        packed = compressed_ipv6_bytes(text)
+        if packed is not None:  # never a wrong yes
+            assert text == strict.compressed and packed == strict.packed, text
+        elif text == strict.compressed and strict.packed[:10] != bytes(10) and strict.scope_id is None:
+            # a no only where glibc writes a dotted quad (::/80): the fast path serves the rest
+            raise AssertionError(f"{text} is compressed but was not recognised")

@@ -32,6 +32,7 @@ import sqlite_utils
 
 from actors.codec import error_body, error_from_body
 from actors.errors import Refused
+from trustnet.addressing import compressed_ipv6_bytes
 from trustnet.sqlite import Transaction, unsynced_transaction
 
 from .commands import (
@@ -1007,6 +1008,8 @@ def _seconds(stamp: str | None) -> float | None:
 def _ipv6(value: Any) -> str:
     if not isinstance(value, str):  # IPv6Address() would also take an int or bytes
         raise _invalid("ipv6", "an IPv6 address string", value)
+    if compressed_ipv6_bytes(value) is not None:  # what the API stores, checked fast
+        return value
     try:
         address = ipaddress.IPv6Address(value)
     except ValueError:

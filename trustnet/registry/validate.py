@@ -10,7 +10,7 @@ from typing import Any
 
 import orjson
 
-from trustnet.addressing import parse_ipv6
+from trustnet.addressing import canonical_ipv6
 from trustnet.config import FieldError, replica_id, ws_address
 
 from . import messages as m
@@ -68,7 +68,7 @@ def ipv6(value: Any, field: str = "ipv6") -> str:
     if not isinstance(value, str):
         raise BadRequest("invalid_type", f"{field} must be a string, got {_kind(value)}")
     try:
-        return parse_ipv6(value).compressed
+        return canonical_ipv6(value)
     except ValueError as exc:
         raise BadRequest("invalid_ipv6", f"{field}: {exc}") from None
 
