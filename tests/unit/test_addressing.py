@@ -126,10 +126,15 @@ def _address_texts(rng):
 
 
 def test_fast_ipv6_paths_agree_with_ipaddress():
+    """The fast path writes the compressed form itself (libc's inet_ntop
+    differs between glibc and musl) and must agree with ipaddress."""
     import random
     rng = random.Random(7)
     for text in [*_address_texts(rng), "::", "::1", "::ffff:1.2.3.4", "::1.2.3.4", "fe80::1%eth0",
-                 " fd10::1", "fd10::1 ", "[::1]", "1.2.3.4", "", "x", "fd10:::1", "fd10::01", "FD10::1"]:
+                 " fd10::1", "fd10::1 ", "[::1]", "1.2.3.4", "", "x", "fd10:::1", "fd10::01", "FD10::1",
+                 # musl's inet_ntop writes this address so (the later, longer-by-text run);
+                 # ipaddress and RFC 5952 write "::1:2:0:0:3:4"
+                 "0:0:1:2::3:4", "fd10::1\x00", "fd10::\u0661"]:
         try:
             expected = parse_ipv6(text).compressed
         except ValueError as exc:
@@ -146,6 +151,6 @@ def test_fast_ipv6_paths_agree_with_ipaddress():
         packed = compressed_ipv6_bytes(text)
         if packed is not None:  # never a wrong yes
             assert text == strict.compressed and packed == strict.packed, text
-        elif text == strict.compressed and strict.packed[:10] != bytes(10) and strict.scope_id is None:
-            # a no only where glibc writes a dotted quad (::/80): the fast path serves the rest
+        elif text == strict.compressed and strict.ipv4_mapped is None and strict.scope_id is None:
+            # a no only for what ipaddress writes with a dotted quad or a zone
             raise AssertionError(f"{text} is compressed but was not recognised")
