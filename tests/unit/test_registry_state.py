@@ -341,6 +341,70 @@ def test_a_renewal_keeps_the_row_and_only_its_lease_is_read_again(state, log):
     assert row == _uncached_pages(state, None, leases)[0]
 
 
+class _RowsThatYield(dict):
+    """A row cache that runs `hook` inside its next pop(): another thread
+    gets the GIL right where a renewal has taken the row out."""
+
+    hook = None
+
+    def pop(self, *args):
+        row = super().pop(*args)
+        if self.hook is not None:
+            hook, self.hook = self.hook, None
+            hook()
+        return row
+
+
+def test_a_renewal_racing_a_write_applied_in_a_thread_never_brings_the_old_row_back(state, log):
+    """Batches of many entries are applied in a worker thread while renewals
+    arrive on the event loop: the renewal must not file the head of a row
+    the batch has just rewritten (found by review: port 7001 came back)."""
+    import threading
+    log.apply(reg("n1", "fd10::1", port=7001))
+    leases = LeaseTable(ttl=30.0)
+    leases.grant("n1", T0)
+    state.list_nodes(limit=10, leases=leases)  # n1 cached
+    state._rows = _RowsThatYield(state._rows)
+    worker = threading.Thread(target=log.apply, args=(reg("n1", "fd10::1", port=7002),))
+
+    def write_in_a_thread():
+        worker.start()
+        worker.join(timeout=0.5)  # done by then, unless it waits for the renewal
+
+    state._rows.hook = write_in_a_thread
+    leases.grant("n1", T0 + 5)  # the renewal
+    worker.join()
+    [row] = state.list_nodes(limit=10, leases=leases)["nodes"]
+    assert row["port"] == 7002
+    assert row == _uncached_pages(state, None, leases)[0]
+
+
+def test_a_renewal_while_a_batch_holds_the_state_drops_the_row_without_waiting(state, log):
+    import threading
+    log.apply(reg("n1", "fd10::1", port=7001))
+    leases = LeaseTable(ttl=30.0)
+    leases.grant("n1", T0)
+    state.list_nodes(limit=10, leases=leases)
+    held, release = threading.Event(), threading.Event()
+
+    def batch_under_way():
+        with state._lock:
+            held.set()
+            release.wait()
+
+    worker = threading.Thread(target=batch_under_way, daemon=True)
+    worker.start()
+    held.wait()
+    try:
+        leases.grant("n1", T0 + 5)  # returns at once, the lock being held elsewhere
+        assert "n1" not in state._rows and "n1" not in state._heads
+    finally:
+        release.set()
+        worker.join()
+    [row] = state.list_nodes(limit=10, leases=leases)["nodes"]
+    assert row == _uncached_pages(state, None, leases)[0]
+
+
 def _with_lease(row: dict, leases: LeaseTable) -> dict:
     if leases.deadline(row["id"]) is not None:
         row = {**row, "lease_deadline": leases.deadline(row["id"]),

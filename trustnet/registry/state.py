@@ -630,9 +630,19 @@ class RegistryState:
         return found
 
     def _lease_changed(self, node_id: str) -> None:
-        row = self._rows.pop(node_id, None)
-        if row is not None:  # the lease fields close the row (_row_json)
-            self._heads[node_id] = row[:row.rfind(_LEASE_HEAD)]
+        # Renewals come from the event loop while a batch may be applied in a
+        # worker thread: filing the head must not race that batch dropping
+        # the row it wrote (the old head would come back). When a batch holds
+        # the lock the row is only dropped, never waited for.
+        if not self._lock.acquire(blocking=False):
+            self._rows.pop(node_id, None)
+            return
+        try:
+            row = self._rows.pop(node_id, None)
+            if row is not None:  # the lease fields close the row (_row_json)
+                self._heads[node_id] = row[:row.rfind(_LEASE_HEAD)]
+        finally:
+            self._lock.release()
 
     def _forget_row(self, node_id: str) -> None:
         self._rows.pop(node_id, None)
