@@ -84,9 +84,8 @@ def canonical_ipv6(text: object) -> str:
     """``parse_ipv6(text).compressed``, with the same errors, and fast for
     text already in that form."""
     if isinstance(text, str):
-        packed = compressed_ipv6_bytes(text)
-        if (packed is not None and packed[0] != 0xFF and packed != bytes(16)
-                and packed[:12] != _V4_MAPPED):
+        packed = compressed_ipv6_bytes(text)  # (never an IPv4-mapped one)
+        if packed is not None and packed[0] != 0xFF and packed != bytes(16):  # multicast, ::
             return text
     return parse_ipv6(text).compressed
 
