@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import attrs
 
-from trustnet.addressing import parse_ipv6, ula_for
+from trustnet.addressing import canonical_ipv6, ula_for
 from trustnet.config import (
     ConfigError,
     Duration,
@@ -89,7 +89,7 @@ class NodeConfig:
         """The IPv6 address peers and the registry reach this node at."""
         if self.node.advertise.strip().lower() == "ula":
             return str(ula_for(self.node_id))
-        return parse_ipv6(self.node.advertise).compressed
+        return canonical_ipv6(self.node.advertise)
 
     @property
     def data_dir(self) -> str:

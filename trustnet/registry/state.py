@@ -614,16 +614,16 @@ class RegistryState:
             if len(rows) + len(self._heads) + len(missing) > ROW_CACHE_LIMIT:
                 self._forget_rows()
             heads = self._heads
-            unread = []
+            unread: list[tuple[str, bytes | None]] = []  # (id, its live lease fields)
             for node_id, live in zip(missing, leases.lease_fields(missing, iso_utc)):
                 head = heads.pop(node_id, None)
                 if head is not None and live is not None:
                     rows[node_id] = head + live
-                else:  # no lease: the row shows the stored one
-                    unread.append(node_id)
+                else:  # no head, or no lease: the row shows the stored one
+                    unread.append((node_id, live))
             if unread:
-                stored = self._read_rows(unread)
-                for node_id, live in zip(unread, leases.lease_fields(unread, iso_utc)):
+                stored = self._read_rows([node_id for node_id, _ in unread])
+                for node_id, live in unread:
                     head, stored_lease = stored[node_id]
                     rows[node_id] = head + (live or stored_lease)
             found = [rows[node_id] for node_id in ids]
