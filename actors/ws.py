@@ -52,6 +52,16 @@ Reconnecting
     queued for it are dropped with a warning (delivery is best effort; the
     asks among them have already failed through `link_down`).
 
+TLS
+    A transport given `tls_server` (an ssl.SSLContext with its certificate)
+    accepts only TLS connections, and its address is wss://[addr]:port. A
+    link to a wss:// address is dialled over TLS, verified against
+    `tls_client` (default: the system's trust store) with the address's host
+    as the name the certificate must carry (an IP address SAN for an IP
+    literal). The scheme is part of the address: ws://[::1]:9 and
+    wss://[::1]:9 are two links. A TLS handshake that fails is a failed dial
+    (backoff, retry), on the accepting side one closed connection.
+
 Garbage
     A frame that is binary, is not a well-formed envelope, or is larger than
     `max_frame_bytes` is a ProtocolError: it is logged with the peer, that one
@@ -74,6 +84,7 @@ import logging
 import math
 import random
 import socket
+import ssl
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -97,7 +108,7 @@ from .transport import Deliver, LinkDown
 
 __all__ = [
     "WebsocketTransport", "batch_frames", "decode_frame", "format_address", "hello_frame",
-    "normalize_address", "parse_address", "parse_hello", "read_hello",
+    "is_tls", "normalize_address", "parse_address", "parse_hello", "read_hello",
 ]
 
 log = logging.getLogger("actors.ws")
@@ -131,28 +142,41 @@ RECEIVE_BUFFER = 64 * 1024
 # What a failed dial raises: the TCP connect (OSError), the websocket handshake
 # (HandshakeError, e.g. ConnectionRejected by a plain HTTP server), a closed
 # connection while saying hello, or connect_timeout running out.
-_DIAL_ERRORS = (OSError, trio_websocket.HandshakeError, ConnectionClosed, trio.TooSlowError)
+# A failed TLS handshake (bad certificate, a plain peer) is a BrokenResourceError.
+_DIAL_ERRORS = (OSError, trio_websocket.HandshakeError, ConnectionClosed, trio.TooSlowError,
+                trio.BrokenResourceError)
+_SCHEMES = ("ws", "wss")
 
 
 # ------------------------------------------------------------- addresses
 
-def format_address(host: str, port: int) -> str:
-    """ws://[host]:port for an IPv6 literal, ws://host:port otherwise."""
-    return f"ws://[{host}]:{port}" if ":" in host else f"ws://{host}:{port}"
+def format_address(host: str, port: int, scheme: str = "ws") -> str:
+    """ws://[host]:port for an IPv6 literal, ws://host:port otherwise
+    (wss:// with scheme="wss": a TLS listener)."""
+    return f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
 
 
 def parse_address(address: str) -> tuple[str, int]:
-    """(host, port) of a ws://host:port address; ValueError if it is not one."""
+    """(host, port) of a ws:// or wss://host:port address; ValueError if it is not one."""
+    return _parse(address)[1:]
+
+
+def is_tls(address: str) -> bool:
+    """Whether a (valid) address is dialled over TLS: wss://."""
+    return address[:6].lower() == "wss://"
+
+
+def _parse(address: str) -> tuple[str, str, int]:
     parts = urlsplit(address)
     try:
         port = parts.port
     except ValueError:
         port = None
-    if (parts.scheme != "ws" or not parts.hostname or port is None
+    if (parts.scheme not in _SCHEMES or not parts.hostname or port is None
             or parts.path not in ("", "/") or parts.query or parts.fragment
             or parts.username is not None):
-        raise ValueError(f"{address!r} is not a ws://host:port address")
-    return parts.hostname, port
+        raise ValueError(f"{address!r} is not a ws://host:port (or wss://) address")
+    return parts.scheme, parts.hostname, port
 
 
 @functools.lru_cache(maxsize=4096)
@@ -160,12 +184,12 @@ def normalize_address(address: str) -> str:
     """One spelling per address (ws://[0::1]:9/ -> ws://[::1]:9), so a peer has one link.
 
     Every send asks (a reply goes to its ask's sender): cached."""
-    host, port = parse_address(address)
+    scheme, host, port = _parse(address)
     try:
         host = ipaddress.ip_address(host).compressed
     except ValueError:
         pass  # a host name; urlsplit has lower-cased it
-    return format_address(host, port)
+    return format_address(host, port, scheme)
 
 
 # ---------------------------------------------------------------- frames
@@ -257,7 +281,8 @@ class _Link:
     def __init__(self, peer: str, queue_size: int):
         self.peer = peer
         self.host, self.port = parse_address(peer)
-        self.http_host = peer.removeprefix("ws://")  # the Host header: [addr]:port
+        self.tls = is_tls(peer)
+        self.http_host = peer.split("://", 1)[1]  # the Host header: [addr]:port
         self.queue_in, self.queue_out = trio.open_memory_channel[str](queue_size)
         # Oldest first; the newest carries our writes.
         self.connections: list[_Connection] = []
@@ -333,6 +358,8 @@ class WebsocketTransport:
         backoff_max: float = 5.0,
         rng: random.Random | None = None,
         secret: bytes | None = None,
+        tls_server: ssl.SSLContext | None = None,
+        tls_client: ssl.SSLContext | None = None,
     ):
         """
         host:      the interface to listen on; "::" listens on every IPv6
@@ -353,6 +380,10 @@ class WebsocketTransport:
         secret:    shared by a group of processes (actors.linkauth): links
                    between two of them are trusted and may carry messages
                    declared `trusted`; links to anyone else may not.
+        tls_server: accept TLS connections only, with this context (its
+                   certificate loaded); the address is then wss://.
+        tls_client: what wss:// peers' certificates are checked against;
+                   None: the system's trust store.
         """
         self.host = host
         self.port = port
@@ -368,10 +399,16 @@ class WebsocketTransport:
         if secret is not None and not secret:
             raise ValueError("an empty secret; pass None for no secret")
         self._secret = secret
+        self._tls_server = tls_server
+        self._tls_client = tls_client
 
         self._sock: socket.socket | None = self._bind()
         self.port = self._sock.getsockname()[1]
-        self.address = self._advertised(advertise)
+        try:
+            self.address = self._advertised(advertise)
+        except ValueError:
+            self.close()
+            raise
         self._proofs = ProofChecker(secret, self.address) if secret is not None else None
         self._hello = hello_frame(self.address)
         # Dial from the address we advertise, so the peer can check that our
@@ -399,7 +436,9 @@ class WebsocketTransport:
         """Accept and dial links until cancelled; started() once listening."""
         self._deliver, self._link_down = deliver, link_down
         sock, self._sock = self._sock or self._bind(), None
-        listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        listener: trio.abc.Listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+        if self._tls_server is not None:
+            listener = trio.SSLListener(listener, self._tls_server, https_compatible=True)
         try:
             with collapsed():
                 async with trio.open_nursery() as nursery:
@@ -462,7 +501,7 @@ class WebsocketTransport:
 
     # ------------------------------------------------------------ serving
 
-    async def _serve_in(self, nursery: trio.Nursery, listener: trio.SocketListener,
+    async def _serve_in(self, nursery: trio.Nursery, listener: trio.abc.Listener,
                         task_status: trio.TaskStatus[None]) -> None:
         io_scope = trio.CancelScope(shield=True)
         io = await nursery.start(self._host_connections, io_scope)
@@ -685,8 +724,13 @@ class WebsocketTransport:
         except _DIAL_ERRORS as exc:
             link.failures += 1
             link.last_error = _describe(exc)
-            log.debug("dial failed", extra={"peer": link.peer, "attempt": link.failures,
-                                            "error": link.last_error})
+            # A peer that is down is routine; a TLS handshake that fails is
+            # a certificate or a scheme that does not match: say so once.
+            tls_failure = link.tls and isinstance(exc.__cause__, ssl.SSLError)
+            log.log(logging.WARNING if tls_failure and link.failures == 1 else logging.DEBUG,
+                    "TLS handshake failed" if tls_failure else "dial failed",
+                    extra={"peer": link.peer, "attempt": link.failures,
+                           "error": link.last_error})
         except (ProtocolError, _NoSecret) as exc:  # its welcome was wrong or 0
             link.failures += 1
             link.last_error = f"{type(exc).__name__}: {exc}"
@@ -710,6 +754,8 @@ class WebsocketTransport:
             with trio.fail_after(self.connect_timeout):
                 stream = await trio.open_tcp_stream(link.host, link.port,
                                                     local_address=self._source)
+                if link.tls:
+                    stream = await self._tls_handshake(stream, link)
             # We own the TCP stream so that it is closed however the link ends
             # (trio-websocket leaves it open when the peer just vanishes).
             hello, nonce = self._hello, None
@@ -738,6 +784,20 @@ class WebsocketTransport:
                 raise
             log.warning("link failed", extra={"peer": link.peer, "error": _describe(exc)},
                         exc_info=not isinstance(exc, _DIAL_ERRORS))
+
+    async def _tls_handshake(self, tcp: trio.SocketStream, link: _Link) -> trio.SSLStream:
+        """TLS over a dialled TCP stream, the peer's certificate checked for
+        the link's host; closes the TCP stream if the handshake fails."""
+        if self._tls_client is None:
+            self._tls_client = ssl.create_default_context()
+        stream = trio.SSLStream(tcp, self._tls_client, server_hostname=link.host,
+                                https_compatible=True)
+        try:
+            await stream.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(tcp)
+            raise
+        return stream
 
     async def _read_welcome(self, link: _Link, conn: _Connection, nonce: str) -> None:
         """The acceptor's answer to our proof: trusted if it proved the
@@ -887,11 +947,16 @@ class WebsocketTransport:
         return sock
 
     def _advertised(self, advertise: str | None) -> str:
+        scheme = "ws" if self._tls_server is None else "wss"
         if advertise is None:
-            return normalize_address(format_address(self.host, self.port))
-        if advertise.startswith("ws://"):
-            return normalize_address(advertise)
-        return normalize_address(format_address(advertise, self.port))
+            return normalize_address(format_address(self.host, self.port, scheme))
+        if "://" in advertise:
+            address = normalize_address(advertise)
+            if is_tls(address) != (self._tls_server is not None):
+                raise ValueError(f"advertise {advertise!r}: this transport listens with "
+                                 f"{'TLS (wss://)' if self._tls_server else 'no TLS (ws://)'}")
+            return address
+        return normalize_address(format_address(advertise, self.port, scheme))
 
 
 def _is_wildcard(host: str) -> bool:
@@ -964,7 +1029,7 @@ def _endpoint(ws: WebSocketConnection) -> str:
     except Exception:  # noqa: BLE001 - a connection torn down under us has none
         return "?"
     if isinstance(remote, trio_websocket.Endpoint):
-        return format_address(str(remote.address), remote.port).removeprefix("ws://")
+        return format_address(str(remote.address), remote.port).split("://", 1)[1]
     return str(remote)
 
 

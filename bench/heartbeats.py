@@ -141,8 +141,15 @@ def listening_ports(pid: int) -> list[int]:
     return sorted(set(ports))
 
 
-def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, Any]:
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
+def http_get(port: int, path: str, timeout: float = 5.0, ca: str | None = None
+             ) -> tuple[int, Any]:
+    """GET over http://, or https:// checked against `ca` when given."""
+    if ca is not None:
+        import ssl
+        conn: http.client.HTTPConnection = http.client.HTTPSConnection(
+            HOST, port, timeout=timeout, context=ssl.create_default_context(cafile=ca))
+    else:
+        conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
     try:
         conn.request("GET", path)
         resp = conn.getresponse()
@@ -161,8 +168,10 @@ def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, Any]:
 class Registry:
     """`trustnet registry` on [::1], ports picked by the OS, its own database."""
 
-    def __init__(self, python: str, workdir: Path, name: str, noverify: bool = False):
+    def __init__(self, python: str, workdir: Path, name: str, noverify: bool = False,
+                 tls: dict[str, str] | None = None):
         self.name = name
+        self.ca = tls["ca.pem"] if tls else None  # --tls: https:// and wss://
         self.log_path = workdir / f"{name}.log"
         self._log = open(self.log_path, "wb")
         env = {k: v for k, v in os.environ.items()
@@ -171,6 +180,8 @@ class Registry:
                    LOG_LEVEL="warn", REGISTRY_DB_PATH=str(workdir / f"{name}.db"),
                    # leases of 3 h: no simulated node expires while the benchmark runs
                    REGISTRY_HEARTBEAT_INTERVAL="1h")
+        if tls:
+            env.update(REGISTRY_TLS_CERT=tls["cert.pem"], REGISTRY_TLS_KEY=tls["key.pem"])
         cmd = ([python, "-c", NOVERIFY_BOOT] if noverify
                else [python, "-m", "trustnet.cli", "registry"])
         self.proc = subprocess.Popen(cmd, env=env, cwd=workdir, stdout=self._log,
@@ -198,17 +209,17 @@ class Registry:
                 if len(ports) >= 2:
                     for port in ports:
                         try:
-                            status, _ = http_get(port, "/health", timeout=2.0)
+                            status, _ = http_get(port, "/health", timeout=2.0, ca=self.ca)
                         except (OSError, http.client.HTTPException):
                             continue
                         if status == 200:
                             self.http_port = port
                     others = [p for p in ports if p != self.http_port]
                     if self.http_port is not None and len(others) == 1:
-                        self.ws = f"ws://[{HOST}]:{others[0]}"
+                        self.ws = f"{'wss' if self.ca else 'ws'}://[{HOST}]:{others[0]}"
             if self.ws is not None and self.http_port is not None:
                 try:
-                    if http_get(self.http_port, "/health")[0] == 200:
+                    if http_get(self.http_port, "/health", ca=self.ca)[0] == 200:
                         return
                 except (OSError, http.client.HTTPException):
                     pass
@@ -221,7 +232,8 @@ class Registry:
 
     def nodes(self) -> int | None:
         try:
-            return http_get(self.http_port, "/health")[1].get("nodes")  # type: ignore[arg-type]
+            return http_get(self.http_port, "/health",  # type: ignore[arg-type]
+                            ca=self.ca)[1].get("nodes")
         except Exception:  # noqa: BLE001
             return None
 
@@ -287,9 +299,11 @@ def _worker(idx: int, ws: str, nodes: list[int], case: dict, cfg: dict, conn: An
     from trustnet.identity import session_key, session_share
     from trustnet.node.heartbeat import HeartbeatSession
     from trustnet.registry.node_protocol import OpenSession, SignedHeartbeat, SignedRegister
+    from trustnet.tls import client_context
     import orjson
 
     setup_logging("bench-loadgen", "error")
+    tls_client = client_context(cfg["ca"]) if cfg.get("ca") else None  # --tls
     sessions = case["variant"] == "session"
     me = [(node_name(i), i, node_identity(i)) for i in nodes]
 
@@ -309,7 +323,8 @@ def _worker(idx: int, ws: str, nodes: list[int], case: dict, cfg: dict, conn: An
     async def ask_all(msgs: list[Any], answered: Callable[[int, Any], None] | None = None
                       ) -> tuple[int, dict, float, float]:
         """Ask every message, 64 at a time: (answered, errors, start, end)."""
-        transport = WebsocketTransport(HOST, 0, unreachable_after=10.0, queue_size=10_000)
+        transport = WebsocketTransport(HOST, 0, unreachable_after=10.0, queue_size=10_000,
+                                       tls_client=tls_client)
         system = ActorSystem(transport=transport)
         registry = system.ref("registry", ws)
         async with trio.open_nursery() as nursery:
@@ -388,7 +403,8 @@ def _worker(idx: int, ws: str, nodes: list[int], case: dict, cfg: dict, conn: An
             frames[c].append(ws_frame(encode(Envelope(hellos[c] + "/", "registry", "ask", msg,
                                                       k + 1))))
         beats = []
-        socks = [_raw_connect(ws, hello) for hello in hellos]  # before the clock starts
+        socks = [_raw_connect(ws, hello, cfg.get("ca"))  # before the clock starts
+                 for hello in hellos]
     conn.send(("signed", budget))
     cmd = conn.recv()
     assert cmd[0] == "run", cmd
@@ -399,7 +415,8 @@ def _worker(idx: int, ws: str, nodes: list[int], case: dict, cfg: dict, conn: An
         return
 
     async def actor_heartbeats() -> dict:
-        transport = WebsocketTransport(HOST, 0, unreachable_after=10.0, queue_size=10_000)
+        transport = WebsocketTransport(HOST, 0, unreachable_after=10.0, queue_size=10_000,
+                                       tls_client=tls_client)
         system = ActorSystem(transport=transport)
         registry = system.ref("registry", ws)
         win_lo, win_hi = start_at + warmup, start_at + warmup + seconds
@@ -462,14 +479,18 @@ def ws_frame(payload: bytes) -> bytes:
     return head + b"\0\0\0\0" + payload
 
 
-def _raw_connect(ws: str, hello: str) -> socket.socket:
-    """TCP + websocket handshake + the transport's hello, as a dialling node does."""
+def _raw_connect(ws: str, hello: str, ca: str | None = None) -> socket.socket:
+    """TCP (+ TLS for wss://, checked against `ca`) + websocket handshake +
+    the transport's hello, as a dialling node does."""
     import base64
+    import ssl
 
-    from actors.ws import hello_frame, parse_address
+    from actors.ws import hello_frame, is_tls, parse_address
     host, port = parse_address(ws)
     sock = socket.create_connection((host, port), timeout=10)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if is_tls(ws):
+        sock = ssl.create_default_context(cafile=ca).wrap_socket(sock, server_hostname=host)
     key = base64.b64encode(os.urandom(16)).decode()
     sock.sendall((f"GET / HTTP/1.1\r\nHost: [{host}]:{port}\r\nUpgrade: websocket\r\n"
                   f"Connection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
@@ -546,6 +567,9 @@ def _raw_heartbeats(socks: list[socket.socket], frames: list[list[bytes]], infli
                 errors["connection closed"] += 1
                 sel.unregister(st["sock"])
                 continue
+            pending = getattr(st["sock"], "pending", None)  # TLS: decrypted bytes select() misses
+            while pending is not None and pending():
+                chunk += st["sock"].recv(262144)
             buf = st["buf"]
             buf += chunk
             answered = 0
@@ -657,7 +681,8 @@ def rss_mb(pid: int) -> float | None:
 def run_variant(args: argparse.Namespace, python: str, workdir: Path, variant: str,
                 cases: list[Case]) -> list[RunResult]:
     """One registry for the variant; the first case registers the nodes."""
-    reg = Registry(python, workdir, f"registry-{variant}", noverify=(variant == "noverify"))
+    reg = Registry(python, workdir, f"registry-{variant}", noverify=(variant == "noverify"),
+                   tls=args.tls_files)
     out: list[RunResult] = []
     try:
         reg.wait_ready()
@@ -691,7 +716,8 @@ def run_case(args: argparse.Namespace, reg: Registry, workdir: Path, case: Case,
     try:
         P = args.processes
         budget = math.ceil(args.max_rate * (args.warmup + args.seconds) / P)
-        cfg = {"budget": budget, "ts_offset": args.ts_offset, "register": register}
+        cfg = {"budget": budget, "ts_offset": args.ts_offset, "register": register,
+               "ca": reg.ca}
         for w in range(P):
             parent, child = ctx.Pipe()
             p = ctx.Process(target=_worker, args=(w, reg.ws, list(range(w, args.nodes, P)),
@@ -1187,6 +1213,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--etcd-connections", type=int, default=16)
     p.add_argument("--etcd-processes", type=int, default=2)
     p.add_argument("--keep", action="store_true", help="keep the work dir (logs, profiles)")
+    p.add_argument("--tls", action="store_true",
+                   help="the registry serves TLS (REGISTRY_TLS_CERT/KEY): nodes dial wss://")
     args = p.parse_args(argv)
     args.nodes = args.nodes or (2_000 if args.quick else 10_000)
     args.seconds = args.seconds or (5.0 if args.quick else 20.0)
@@ -1214,6 +1242,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.nodes:,} simulated nodes, {args.processes} load-generator processes, "
           f"{args.warmup:g} s warm-up + {args.seconds:g} s measured per case; work dir {workdir}",
           flush=True)
+    args.tls_files = None
+    if args.tls:
+        from trustnet.tls import make_certificates, write_certificates
+        args.tls_files = write_certificates(make_certificates([HOST]), str(workdir / "certs"))
+        print("--tls: the registry serves https:// and wss:// (a certificate for "
+              f"[{HOST}] from trustnet.tls); every load generator connection is TLS", flush=True)
     micro = verify_microbench()
     results: list[RunResult] = []
     by_variant: dict[str, list[Case]] = {}

@@ -2,6 +2,7 @@
 
     trustnet --version
     trustnet addr NODE_ID
+    trustnet tls-cert --host ADDR [--host ...] --out DIR
     trustnet registry [--config PATH]
 
 Exit codes (architecture record, section 12): 0 ok, 1 runtime failure (the
@@ -69,6 +70,41 @@ def _addr(args: argparse.Namespace) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- tls-cert
+
+
+def _tls_cert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", metavar="HOST", action="append", required=True,
+                   help="an IP address or DNS name the registry is reached at (repeat for "
+                        "each; every replica's address for a replicated registry)")
+    p.add_argument("--out", metavar="DIR", required=True,
+                   help="where to write ca.pem, ca.key, cert.pem and key.pem (keys mode 0600)")
+    p.add_argument("--days", type=int, default=825, help="validity (default 825 days)")
+
+
+@command("tls-cert", "issue a private CA and a registry certificate for its hosts", _tls_cert_args)
+def _tls_cert(args: argparse.Namespace) -> int:
+    from trustnet.tls import make_certificates, write_certificates
+
+    if args.days < 1:
+        print("error: --days must be at least 1", file=sys.stderr)
+        return EXIT_CONFIG
+    try:
+        paths = write_certificates(make_certificates(args.host, days=args.days), args.out)
+    except (FileExistsError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    print(f"registry: REGISTRY_TLS_CERT={paths['cert.pem']} REGISTRY_TLS_KEY={paths['key.pem']}"
+          f" (replicas also REGISTRY_TLS_CA={paths['ca.pem']})")
+    print(f"nodes:    REGISTRY_CA_FILE={paths['ca.pem']} (and REGISTRY_WS=wss://...)")
+    print(f"clients:  curl --cacert {paths['ca.pem']} https://...")
+    print(f"keep {paths['ca.key']} offline: it can issue certificates that all of them trust")
     return EXIT_OK
 
 

@@ -52,12 +52,14 @@ __all__ = [
     "Port",
     "PositiveInt",
     "REGISTRY_ENV_VARS",
+    "TlsConfig",
     "TtlMultiplier",
     "RegistryConfig",
     "ReplicaId",
     "ReplicationConfig",
     "WsAddress",
     "check_replication",
+    "check_tls",
     "replica_addresses",
     "converter",
     "env_value",
@@ -231,7 +233,7 @@ def _non_empty_str(value: object, _t: Any) -> str:
 
 
 _REPLICA_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_WS_ADDRESS = re.compile(r"ws://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})")
+_WS_ADDRESS = re.compile(r"wss?://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})")
 
 
 def replica_id(value: object, _t: Any = None) -> str:
@@ -243,7 +245,7 @@ def replica_id(value: object, _t: Any = None) -> str:
 
 
 def ws_address(value: object, _t: Any = None) -> str:
-    """A websocket address ws://[IPv6]:port or ws://host:port."""
+    """A websocket address ws://[IPv6]:port or ws://host:port (wss:// over TLS)."""
     m = _WS_ADDRESS.fullmatch(value) if isinstance(value, str) else None
     if m is None or not 1 <= int(m.group(2)) <= 65535:
         raise FieldError(f"must be a websocket address such as 'ws://[::1]:8001', got {_show(value)}")
@@ -652,6 +654,23 @@ class ReplicationConfig:
 
 
 @attrs.frozen
+class TlsConfig:
+    """TLS for the HTTP API (https://) and the websocket port (wss://):
+    ``cert_file`` and ``key_file`` (PEM; record section 10: a mounted file
+    such as /certs/cert.pem) turn it on, both or neither. ``ca_file``: what
+    the other replicas' certificates are checked against when this replica
+    dials them (default: the system's trust store)."""
+
+    cert_file: NonEmptyStr | None = None
+    key_file: NonEmptyStr | None = None
+    ca_file: NonEmptyStr | None = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+@attrs.frozen
 class LoggingConfig:
     level: LogLevel = LogLevel("info")
     format: LogFormat = LogFormat("json")
@@ -689,6 +708,7 @@ class RegistryConfig:
     logging: LoggingConfig = attrs.field(factory=LoggingConfig)
     leases: LeasesConfig = attrs.field(factory=LeasesConfig)
     http: HttpConfig = attrs.field(factory=HttpConfig)
+    tls: TlsConfig = attrs.field(factory=TlsConfig)
     api_key: ApiKey | None = attrs.field(default=None, repr=False, metadata={"secret": True})
 
 
@@ -706,6 +726,9 @@ REGISTRY_ENV_VARS: Mapping[str, str] = types.MappingProxyType({
     "REGISTRY_PEERS": "replication.peers",
     "REGISTRY_REPLICA_JOIN": "replication.join",
     "REGISTRY_CLUSTER_SECRET": "replication.secret",
+    "REGISTRY_TLS_CERT": "tls.cert_file",
+    "REGISTRY_TLS_KEY": "tls.key_file",
+    "REGISTRY_TLS_CA": "tls.ca_file",
 })
 """Environment variable -> dotted field of :class:`RegistryConfig`, applied after the file."""
 
@@ -713,8 +736,35 @@ REGISTRY_ENV_VARS: Mapping[str, str] = types.MappingProxyType({
 def load_registry_config(path: str | os.PathLike[str] | None, env: Mapping[str, str]) -> RegistryConfig:
     """Load the registry config from ``path`` (``None``: defaults) and ``env``."""
     config = load_config(RegistryConfig, path, env, REGISTRY_ENV_VARS)
-    check_replication(config, os.fspath(path) if path is not None else "<defaults>")
+    source = os.fspath(path) if path is not None else "<defaults>"
+    check_tls(config.tls, source)
+    check_replication(config, source)
     return config
+
+
+def check_tls(tls: TlsConfig, source: str) -> None:
+    """Both or neither of cert_file and key_file; every file given loads."""
+    from trustnet.tls import client_context, server_context
+
+    if (tls.cert_file is None) != (tls.key_file is None):
+        missing = "tls.key_file" if tls.key_file is None else "tls.cert_file"
+        raise ConfigError(source, missing, "is required when the other of tls.cert_file and "
+                          "tls.key_file is set (REGISTRY_TLS_CERT, REGISTRY_TLS_KEY)")
+    if tls.ca_file is not None and not tls.enabled:
+        raise ConfigError(source, "tls.ca_file", "is only used with tls.cert_file and "
+                          "tls.key_file (it checks the other replicas' certificates)")
+    if tls.enabled:
+        try:
+            server_context(tls.cert_file, tls.key_file)  # type: ignore[arg-type]
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(source, "tls.cert_file", f"cannot load the certificate "
+                              f"{tls.cert_file!r} with its key {tls.key_file!r}: {exc}") from None
+    if tls.ca_file is not None:
+        try:
+            client_context(tls.ca_file)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(source, "tls.ca_file",
+                              f"cannot load CA certificates from {tls.ca_file!r}: {exc}") from None
 
 
 def check_replication(config: RegistryConfig, source: str) -> None:
@@ -742,6 +792,14 @@ def check_replication(config: RegistryConfig, source: str) -> None:
     if config.listen.ws_port == 0:
         raise ConfigError(source, "listen.ws_port",
                           "must be a fixed port when replication is enabled (peers dial it)")
+    scheme = "wss" if config.tls.enabled else "ws"
+    for i, peer in enumerate(r.peers):
+        if not peer.address.lower().startswith(scheme + "://"):
+            raise ConfigError(source, f"replication.peers[{i}].address",
+                              f"must be a {scheme}:// address: the replicas' websocket ports "
+                              + ("serve TLS (tls.cert_file is set)" if config.tls.enabled
+                                 else "do not serve TLS (tls.cert_file is not set)")
+                              + f", got {peer.address!r}")
 
 
 def replica_addresses(config: RegistryConfig) -> dict[str, str]:
@@ -751,8 +809,9 @@ def replica_addresses(config: RegistryConfig) -> dict[str, str]:
     if r.id is not None and r.id not in out:
         host = config.listen.host
         host = "::1" if host == "::" else "127.0.0.1" if host == "0.0.0.0" else host
-        out[r.id] = f"ws://[{host}]:{config.listen.ws_port}" if ":" in host \
-            else f"ws://{host}:{config.listen.ws_port}"
+        scheme = "wss" if config.tls.enabled else "ws"
+        out[r.id] = f"{scheme}://[{host}]:{config.listen.ws_port}" if ":" in host \
+            else f"{scheme}://{host}:{config.listen.ws_port}"
     return out
 
 

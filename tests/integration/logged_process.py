@@ -198,7 +198,8 @@ class LoggedProcess:
         if not isinstance(binds, list) or not binds:
             raise self.exited(f"{line.get('message')!r} has no binds: {binds!r}")
         for bind in binds:
-            if isinstance(bind, str) and bind.startswith(("http://[::1]:", "http://[::]:")):
+            if isinstance(bind, str) and bind.startswith(
+                    ("http://[::1]:", "http://[::]:", "https://[::1]:", "https://[::]:")):
                 port = int(bind.rsplit(":", 1)[1].rstrip("/"))
                 if 0 < port < 65536:
                     return port

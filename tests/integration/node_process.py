@@ -53,7 +53,7 @@ __all__ = [
 
 NODE_ENV_VARS = (
     "NODE_NAME", "NODE_LISTEN_PORT", "NODE_ADVERTISE", "NODE_DATA_DIR", "NODE_HTTP_PORT",
-    "REGISTRY_URL", "REGISTRY_WS", "LOG_LEVEL", "LOG_FORMAT", "TRUSTNET_NODE_API",
+    "REGISTRY_URL", "REGISTRY_WS", "REGISTRY_CA_FILE", "LOG_LEVEL", "LOG_FORMAT", "TRUSTNET_NODE_API",
 )
 """Variables a node (or the node CLI subcommands) read; removed from the inherited environment."""
 

@@ -2,7 +2,7 @@
 
     async with trio.open_nursery() as nursery:
         reg = RegistryProcess(tmp_path, config={"leases": {"ttl_multiplier": 3}})
-        base_url = await reg.start(nursery)      # "http://[::1]:PORT"
+        base_url = await reg.start(nursery)      # "http://[::1]:PORT" (https:// with tls)
         ...
         assert await reg.stop() == 0             # SIGTERM, then the exit code
         reg.lines                                # stdout, one parsed JSON object a line
@@ -50,7 +50,7 @@ ENV_VARS = (
     "REGISTRY_PORT", "REGISTRY_WS_PORT", "REGISTRY_LISTEN", "REGISTRY_DB_PATH", "REGISTRY_API_KEY",
     "LOG_LEVEL", "LOG_FORMAT", "REGISTRY_HEARTBEAT_INTERVAL",
     "REGISTRY_REPLICATION", "REGISTRY_REPLICA_ID", "REGISTRY_PEERS", "REGISTRY_REPLICA_JOIN",
-    "REGISTRY_CLUSTER_SECRET",
+    "REGISTRY_CLUSTER_SECRET", "REGISTRY_TLS_CERT", "REGISTRY_TLS_KEY", "REGISTRY_TLS_CA",
 )
 """Variables the registry reads; removed from the inherited environment."""
 
@@ -150,6 +150,7 @@ class RegistryProcess(LoggedProcess):
                            env=self.env, cwd=self.tmp_path)
         [line] = await self._await_start("registry listening", timeout=timeout)
         self.port = self._port_of(line)
-        self.base_url = f"http://[::1]:{self.port}"
+        scheme = "https" if any(str(b).startswith("https://") for b in line["binds"]) else "http"
+        self.base_url = f"{scheme}://[::1]:{self.port}"
         self.ws_address = line.get("ws")
         return self.base_url

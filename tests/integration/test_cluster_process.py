@@ -19,6 +19,7 @@ import random
 import secrets
 import signal
 import socket
+import ssl
 import time
 
 import httpx
@@ -47,9 +48,11 @@ def free_ports(n: int) -> list[int]:
 
 
 class Cluster:
-    def __init__(self, tmp_path, nursery, spare: tuple[str, ...] = ()):
+    def __init__(self, tmp_path, nursery, spare: tuple[str, ...] = (),
+                 tls: dict[str, str] | None = None):
         self.tmp_path = tmp_path
         self.nursery = nursery
+        self.tls = tls  # trustnet.tls.write_certificates' paths: https:// and wss://
         ids = IDS + spare  # spare: replicas that may join later
         ports = free_ports(2 * len(ids))
         self.http = {rid: ports[2 * i] for i, rid in enumerate(ids)}
@@ -60,7 +63,7 @@ class Cluster:
         self.secret = secrets.token_hex(24)  # REGISTRY_CLUSTER_SECRET, shared by the replicas
 
     def address(self, rid: str) -> str:
-        return f"ws://[::1]:{self.ws[rid]}"
+        return f"{'wss' if self.tls else 'ws'}://[::1]:{self.ws[rid]}"
 
     def config(self, rid: str, join: bool = False) -> dict:
         return {
@@ -69,6 +72,8 @@ class Cluster:
             "replication": {"enabled": True, "id": rid, "tick": "10ms", "join": join,
                             "peers": [{"id": r, "address": self.address(r)} for r in IDS]},
             "logging": {"level": "info", "format": "json"},
+            **({"tls": {"cert_file": self.tls["cert.pem"], "key_file": self.tls["key.pem"],
+                        "ca_file": self.tls["ca.pem"]}} if self.tls else {}),
         }
 
     async def start(self, rid: str, join: bool = False) -> None:
@@ -86,7 +91,13 @@ class Cluster:
                 starting.start_soon(self.start, rid)
 
     def url(self, rid: str) -> str:
-        return f"http://[::1]:{self.http[rid]}"
+        return f"{'https' if self.tls else 'http'}://[::1]:{self.http[rid]}"
+
+    def client(self, **kw) -> httpx.AsyncClient:
+        """An HTTP client for the replicas' API (trusting the group's CA with TLS)."""
+        if self.tls:
+            kw["verify"] = ssl.create_default_context(cafile=self.tls["ca.pem"])
+        return httpx.AsyncClient(**kw)
 
     def live(self) -> list[str]:
         return [r for r, p in self.procs.items() if p.returncode is None and r not in self.stopped]
@@ -344,20 +355,21 @@ async def test_members_join_and_leave_and_answers_carry_raft_positions(tmp_path)
 
 
 @contextlib.asynccontextmanager
-async def cluster_with_a_node(tmp_path, contacts):
+async def cluster_with_a_node(tmp_path, contacts, tls: dict[str, str] | None = None):
     """The 3 founders and a real node whose registry.ws lists the replicas
     `contacts(leader)` picks (followers): (cluster, client, leader, node, node API)."""
     async with trio.open_nursery() as nursery:
-        cluster = Cluster(tmp_path, nursery)
+        cluster = Cluster(tmp_path, nursery, tls=tls)
         node = None
         try:
             await cluster.start_all()
-            async with httpx.AsyncClient() as client:
+            async with cluster.client() as client:
                 leader = await cluster.leader(client, timeout=15)
                 rids = contacts(leader)
                 node = NodeProcess(tmp_path, "n1", "::1",
                                    registry_ws=",".join(cluster.address(r) for r in rids),
-                                   registry_url=cluster.url(rids[0]))
+                                   registry_url=cluster.url(rids[0]),
+                                   config={"registry": {"ca_file": tls["ca.pem"]}} if tls else None)
                 api = await node.start(nursery)
                 yield cluster, client, leader, node, api
         finally:
@@ -513,3 +525,44 @@ async def test_only_replicas_speak_raft_and_forward_writes(tmp_path):
         finally:
             await cluster.aclose()
             nursery.cancel_scope.cancel()
+
+
+async def test_a_group_with_tls_replicates_and_serves_a_node_over_wss(tmp_path):
+    """tls.cert_file/key_file on every replica: the API is https:// only,
+    the replicas reach each other at wss:// (checked against tls.ca_file),
+    a node given the CA heartbeats through a follower over wss://, and a
+    failover happens over those links as over plain ones. A member at a
+    ws:// address cannot be added to the group."""
+    from trustnet.tls import make_certificates, write_certificates
+
+    tls = write_certificates(make_certificates(["::1"]), str(tmp_path / "certs"))
+    async with cluster_with_a_node(tmp_path, lambda leader: _followers(leader)[:1], tls=tls) as (
+            cluster, client, leader, node, api):
+        async def beating() -> bool:
+            h = await _node_health(client, api)
+            return bool(h.get("heartbeat_session")) and h.get("heartbeat_misses") == 0
+        await _until(beating, "the node heartbeating over wss:// through a follower")
+        await _lease_advances(client, cluster, leader)
+        status = (await client.get(cluster.url(leader) + "/cluster")).json()
+        assert status["members"] == {r: cluster.address(r) for r in IDS}
+        assert all(a.startswith("wss://") for a in status["members"].values())
+
+        with pytest.raises(httpx.HTTPError):  # plain HTTP to the https:// port
+            async with httpx.AsyncClient() as plain:
+                await plain.get(cluster.url(leader).replace("https://", "http://") + "/health",
+                                timeout=5.0)
+        refused = await client.post(cluster.url(leader) + "/cluster/members",
+                                    json={"id": "r9", "address": "ws://[::1]:1"})
+        assert refused.status_code == 400 and refused.json()["error"]["code"] == "invalid_member", \
+            refused.text
+
+        follower = _followers(leader)[-1]
+        cluster.procs[leader].process.kill()
+        await cluster.procs[leader].wait()
+        new_leader = await cluster.leader(client, timeout=15)
+        assert new_leader != leader
+        r = await client.post(cluster.url(follower) + "/nodes",
+                              json={"id": "after-failover", "ipv6": "fd10:1234::99"})
+        assert r.status_code == 201, r.text
+        r = await client.get(cluster.url(new_leader) + "/nodes/after-failover")
+        assert r.status_code == 200 and r.json()["ipv6"] == "fd10:1234::99", r.text

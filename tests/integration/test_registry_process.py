@@ -675,3 +675,67 @@ async def test_addr_prints_a_deterministic_ula():
     assert addr not in ipaddress.IPv6Network("fd10:1234:ffff::/48")  # the registry's block
     assert again.stdout == first.stdout
     assert other.stdout != first.stdout
+
+
+# ---------------------------------------------------------------- TLS
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="no curl binary")
+async def test_tls_serves_the_api_on_https_and_nodes_on_wss(start_registry, tmp_path):
+    """REGISTRY_TLS_CERT/KEY (record section 10: a mounted certificate):
+    the spec's curl commands work over https:// with the CA, plain http://
+    gets nothing, a node given the CA registers and heartbeats over wss://,
+    and a node that does not trust the certificate exits 1 saying why."""
+    import ssl
+
+    from node_process import NodeProcess
+    from trustnet.tls import make_certificates, write_certificates
+
+    files = write_certificates(make_certificates(["::1"]), str(tmp_path / "certs"))
+    reg = await start_registry(
+        config={"leases": {"heartbeat_interval": "500ms"}},
+        env={"REGISTRY_TLS_CERT": files["cert.pem"], "REGISTRY_TLS_KEY": files["key.pem"],
+             "REGISTRY_API_KEY": "k" * 32})
+    assert reg.base_url.startswith("https://[::1]:") and reg.ws_address.startswith("wss://[::1]:")
+
+    with trio.fail_after(30):
+        done = await trio.run_process(
+            [shutil.which("curl"), "--silent", "--show-error", "--globoff", "--cacert",
+             files["ca.pem"], "-H", "Authorization: Bearer " + "k" * 32, "-X", "POST",
+             f"{reg.base_url}/nodes", "-d", SPEC_BODY], capture_stdout=True, capture_stderr=True,
+            check=False)
+    assert done.returncode == 0, done.stderr
+    assert orjson.loads(done.stdout)["ipv6"] == "fd10:1234::1"
+    with pytest.raises(httpx.HTTPError):
+        async with httpx.AsyncClient() as plain:
+            await plain.get(reg.base_url.replace("https://", "http://") + "/health", timeout=5.0)
+
+    verify = ssl.create_default_context(cafile=files["ca.pem"])
+    async with httpx.AsyncClient(verify=verify, timeout=10.0) as https, \
+            trio.open_nursery() as nursery:
+        trusting = NodeProcess(tmp_path, "n1", "::1", registry_ws=reg.ws_address,
+                               registry_url=reg.base_url,
+                               config={"registry": {"ca_file": files["ca.pem"]}})
+        doubting = NodeProcess(tmp_path, "n2", "::1", registry_ws=reg.ws_address,
+                               registry_url=reg.base_url,
+                               config={"registry": {"startup_timeout": "1s",
+                                                    "unreachable_timeout": "1s"}})
+        try:
+            api = await trusting.start(nursery)
+            with trio.fail_after(20):
+                while True:
+                    r = await https.get(f"{reg.base_url}/nodes/n1")
+                    health = (await https.get(api + "/health")).json()
+                    if r.status_code == 200 and health.get("heartbeat_session"):
+                        break
+                    await trio.sleep(0.1)
+            assert r.json()["public_key"] == trusting.public_key
+            with pytest.raises(Exception):  # NodeExited: it never got ready
+                await doubting.start(nursery)
+            assert await doubting.wait() == 1
+            assert "CERTIFICATE_VERIFY_FAILED" in doubting.describe(), doubting.describe()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trusting.aclose()
+                await doubting.aclose()
+            nursery.cancel_scope.cancel()

@@ -157,6 +157,35 @@ def test_registry_missing_service_module_exits_1(monkeypatch, capsys):
     assert docs[-1]["level"] == "fatal"
 
 
+def test_tls_cert_writes_a_ca_and_a_certificate_a_registry_loads(tmp_path, capsys):
+    import ipaddress
+    import ssl
+    import stat
+
+    from cryptography import x509
+
+    from trustnet.config import load_registry_config
+
+    out = tmp_path / "certs"
+    assert run_main(["tls-cert", "--host", "::1", "--host", "registry.example", "--out", str(out)]) == 0
+    assert "REGISTRY_TLS_CERT=" in capsys.readouterr().out
+    for key in ("ca.key", "key.pem"):
+        assert stat.S_IMODE((out / key).stat().st_mode) == 0o600
+    c = load_registry_config(None, {"REGISTRY_TLS_CERT": str(out / "cert.pem"),
+                                    "REGISTRY_TLS_KEY": str(out / "key.pem")})
+    assert c.tls.enabled
+    cert = x509.load_pem_x509_certificate((out / "cert.pem").read_bytes())
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.IPAddress) == [ipaddress.ip_address("::1")]
+    assert sans.get_values_for_type(x509.DNSName) == ["registry.example"]
+    ca = ssl.create_default_context(cafile=str(out / "ca.pem"))  # the CA loads as a trust anchor
+    assert ca.cert_store_stats()["x509_ca"] == 1
+    # never over what is there, and usage errors exit 2
+    assert run_main(["tls-cert", "--host", "::1", "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert run_main(["tls-cert", "--host", "::1", "--days", "0", "--out", str(tmp_path / "x")]) == 2
+
+
 def test_commands_table():
     assert {"addr", "registry"} <= set(cli.COMMANDS)
     for name, cmd in cli.COMMANDS.items():

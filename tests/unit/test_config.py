@@ -401,10 +401,25 @@ def test_env_table_is_the_documented_one():
         "REGISTRY_PEERS": "replication.peers",
         "REGISTRY_REPLICA_JOIN": "replication.join",
         "REGISTRY_CLUSTER_SECRET": "replication.secret",
+        "REGISTRY_TLS_CERT": "tls.cert_file",
+        "REGISTRY_TLS_KEY": "tls.key_file",
+        "REGISTRY_TLS_CA": "tls.ca_file",
     }
 
 
-def test_every_env_var_reaches_its_field():
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    from trustnet.tls import make_certificates, write_certificates
+
+    return write_certificates(make_certificates(["::1"]), str(tmp_path_factory.mktemp("tls")))
+
+
+def tls_env(files: dict[str, str]) -> dict[str, str]:
+    return {"REGISTRY_TLS_CERT": files["cert.pem"], "REGISTRY_TLS_KEY": files["key.pem"],
+            "REGISTRY_TLS_CA": files["ca.pem"]}
+
+
+def test_every_env_var_reaches_its_field(tls_files):
     samples = {
         "REGISTRY_PORT": ("9000", 9000),
         "REGISTRY_WS_PORT": ("9001", 9001),
@@ -419,10 +434,15 @@ def test_every_env_var_reaches_its_field():
         "REGISTRY_PEERS": ("r1=ws://[::1]:1", [PeerConfig("r1", "ws://[::1]:1")]),
         "REGISTRY_REPLICA_JOIN": ("true", True),
         "REGISTRY_CLUSTER_SECRET": (SECRET, SECRET),
+        "REGISTRY_TLS_CERT": (tls_files["cert.pem"], tls_files["cert.pem"]),
+        "REGISTRY_TLS_KEY": (tls_files["key.pem"], tls_files["key.pem"]),
+        "REGISTRY_TLS_CA": (tls_files["ca.pem"], tls_files["ca.pem"]),
     }
     assert samples.keys() == REGISTRY_ENV_VARS.keys()
     for var, (text, expected) in samples.items():
-        c = load_registry_config(None, {var: text})
+        # the TLS files go together (checked below)
+        companions = tls_env(tls_files) if var.startswith("REGISTRY_TLS_") else {}
+        c = load_registry_config(None, {**companions, var: text})
         obj = c
         for part in REGISTRY_ENV_VARS[var].split("."):
             obj = getattr(obj, part)
@@ -586,3 +606,48 @@ def test_damaged_example_configs_give_one_line_config_errors(tmp_path, example):
         except ConfigError as exc:
             assert str(exc).startswith(str(path) + ": ") and "\n" not in str(exc), seed
     assert 0 < loaded < 400  # the damage is neither always harmless nor always fatal
+
+
+# --------------------------------------------------------------------------- tls
+
+
+def test_tls_is_off_by_default_and_on_with_a_certificate_and_its_key(tls_files):
+    from trustnet.config import replica_addresses
+
+    assert not load_registry_config(None, {}).tls.enabled
+    c = load_registry_config(None, {**tls_env(tls_files), "REGISTRY_REPLICATION": "true",
+                                    "REGISTRY_REPLICA_ID": "r1", "REGISTRY_CLUSTER_SECRET": SECRET,
+                                    "REGISTRY_LISTEN": "::1"})
+    assert c.tls.enabled and c.tls.ca_file == tls_files["ca.pem"]
+    assert replica_addresses(c) == {"r1": "wss://[::1]:8001"}  # the ws port serves TLS
+
+
+@pytest.mark.parametrize(("env", "field", "problem"), [
+    ({"REGISTRY_TLS_CERT": "cert.pem"}, "tls.key_file", "is required when the other"),
+    ({"REGISTRY_TLS_KEY": "key.pem"}, "tls.cert_file", "is required when the other"),
+    ({"REGISTRY_TLS_CA": "ca.pem"}, "tls.ca_file", "only used with"),
+    ({"REGISTRY_TLS_CERT": "missing.pem", "REGISTRY_TLS_KEY": "key.pem"}, "tls.cert_file",
+     "No such file"),
+    ({"REGISTRY_TLS_CERT": "ca.pem", "REGISTRY_TLS_KEY": "key.pem"}, "tls.cert_file",
+     "KEY_VALUES_MISMATCH"),
+    ({"REGISTRY_TLS_CERT": "key.pem", "REGISTRY_TLS_KEY": "key.pem"}, "tls.cert_file",
+     "cannot load the certificate"),
+    ({"REGISTRY_TLS_CERT": "cert.pem", "REGISTRY_TLS_KEY": "key.pem", "REGISTRY_TLS_CA": "key.pem"},
+     "tls.ca_file", "cannot load CA certificates"),
+])
+def test_tls_files_that_do_not_go_together_or_do_not_load_are_config_errors(
+        tls_files, env, field, problem):
+    folder = Path(tls_files["ca.pem"]).parent
+    with pytest.raises(ConfigError) as info:
+        load_registry_config(None, {k: str(folder / v) for k, v in env.items()})
+    assert info.value.field == field and problem in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize(("tls", "address"), [(True, "ws://[::1]:8011"), (False, "wss://[::1]:8011")])
+def test_replica_addresses_must_match_whether_the_group_serves_tls(tls_files, tls, address):
+    env = {"REGISTRY_REPLICATION": "true", "REGISTRY_REPLICA_ID": "r1",
+           "REGISTRY_CLUSTER_SECRET": SECRET, "REGISTRY_PEERS": f"r2={address}",
+           **(tls_env(tls_files) if tls else {})}
+    with pytest.raises(ConfigError, match="wss://" if tls else "must be a ws://") as info:
+        load_registry_config(None, env)
+    assert info.value.field == "replication.peers[0].address"

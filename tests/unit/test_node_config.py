@@ -50,6 +50,10 @@ def test_registry_ws_lists_the_replicas_in_order(tmp_path):
     ("node:\n  id: a\n  colour: red\n", {}, "node.colour: unknown key"),
     ("node:\n  id: a\n", {"NODE_NAME": "bad name"}, "environment variable NODE_NAME: node.id:"),
     ("node:\n  id: a\n", {"NODE_HTTP_PORT": "x"}, "environment variable NODE_HTTP_PORT: http.port:"),
+    ("node:\n  id: a\n", {"REGISTRY_CA_FILE": "/nonexistent/ca.pem"},
+     "environment variable REGISTRY_CA_FILE: registry.ca_file: cannot load CA certificates"),
+    ("node:\n  id: a\nregistry:\n  ca_file: node.yaml\n", {},
+     "node.yaml: registry.ca_file: cannot load CA certificates"),
 ])
 def test_bad_config_names_source_and_field(tmp_path, text, env, expect):
     with pytest.raises(ConfigError) as info:
@@ -64,3 +68,13 @@ def test_cli_exits_2_on_bad_config(tmp_path, capsys):
         main(["node", "--config", str(write(tmp_path, "node:\n  id: a\n  listen_port: -1\n"))])
     assert info.value.code == 2
     assert "node.listen_port" in capsys.readouterr().err
+
+
+def test_a_registry_with_tls_is_dialled_wss_and_checked_against_ca_file(tmp_path):
+    from trustnet.tls import make_certificates, write_certificates
+
+    files = write_certificates(make_certificates(["fd10::1"]), str(tmp_path / "certs"))
+    c = load_node_config(write(tmp_path, "node:\n  id: a\n"),
+                         {"REGISTRY_WS": "wss://[FD10::1]:8001", "REGISTRY_CA_FILE": files["ca.pem"]})
+    assert c.registry_addresses == ("wss://[fd10::1]:8001",)
+    assert c.registry.ca_file == files["ca.pem"]

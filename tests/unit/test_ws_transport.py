@@ -907,3 +907,109 @@ async def test_a_wrong_welcome_fails_the_dial(nodes, nursery, caplog):
         await a.ref("echo", format_address("::1", server.port)).ask(Secret("x"), timeout=BOUND)
     assert any("does not match our shared secret" in getattr(r, "error", "")
                for r in caplog.records if r.name == "actors.ws")
+
+
+# ------------------------------------------------------------------- TLS
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    """A CA and a certificate for [::1] (trustnet.tls), and a second CA that did not sign it."""
+    from trustnet.tls import make_certificates, write_certificates
+
+    paths = write_certificates(make_certificates(["::1", "localhost"]),
+                               str(tmp_path_factory.mktemp("tls")))
+    other = write_certificates(make_certificates(["::1"]), str(tmp_path_factory.mktemp("other")))
+    return {**paths, "other_ca.pem": other["ca.pem"]}
+
+
+def tls_options(files, *, serve: bool = True, ca: str = "ca.pem") -> dict:
+    from trustnet.tls import client_context, server_context
+
+    options = {"tls_client": client_context(files[ca])}
+    if serve:
+        options["tls_server"] = server_context(files["cert.pem"], files["key.pem"])
+    return options
+
+
+def test_wss_addresses_are_addresses_of_their_own():
+    from actors.ws import is_tls
+
+    assert normalize_address("WSS://[0::1]:9/") == "wss://[::1]:9"
+    assert parse_address("wss://[::1]:9") == ("::1", 9)
+    assert is_tls("wss://[::1]:9") and not is_tls("ws://[::1]:9")
+    assert normalize_address("wss://[::1]:9") != normalize_address("ws://[::1]:9")
+
+
+async def test_tls_links_carry_asks_both_ways_and_secrets_over_them(nodes, tls_files):
+    """Two TLS listeners that trust the CA: wss:// addresses, asks both
+    ways over one connection, and the shared secret proved inside TLS."""
+    a = await nodes(secret=SECRET, **tls_options(tls_files))
+    b = await nodes(secret=SECRET, **tls_options(tls_files))
+    assert a.address.startswith("wss://[::1]:")
+    assert await a.ref("echo", b).ask(Echo("hi"), timeout=BOUND) == "echo:hi"
+    assert await b.ref("echo", a).ask(Secret("x"), timeout=BOUND) == "secret:x"
+    assert a.transport.connections(b.address) == ["out"]
+    assert b.transport.connections(a.address) == ["in"]
+
+
+async def test_a_plain_process_reaches_a_tls_listener_through_wss(nodes, tls_files):
+    """A node without a certificate of its own (nodes of a TLS registry)
+    dials wss:// with the CA; the replies go back over that connection."""
+    server = await nodes(**tls_options(tls_files))
+    client = await nodes(**tls_options(tls_files, serve=False))
+    assert client.address.startswith("ws://")
+    assert await client.ref("echo", server).ask(Echo("hi"), timeout=BOUND) == "echo:hi"
+    assert server.transport.connections(client.address) == ["in"]
+
+
+@pytest.mark.parametrize("case", ["untrusted CA", "plain dial", "TLS to a plain listener"])
+async def test_a_failed_tls_handshake_fails_the_dial_and_spares_the_listener(
+        nodes, tls_files, case, caplog):
+    """A certificate from another CA, a plain websocket to a TLS port, TLS
+    to a plain port: each dial fails (Unreachable, after retries), nothing
+    crashes, and the listener goes on serving the clients that get it right."""
+    caplog.set_level(logging.DEBUG, logger="actors.ws")
+    server = await nodes(**tls_options(tls_files))
+    plain_server = await nodes()
+    good = await nodes(**tls_options(tls_files, serve=False))
+    if case == "untrusted CA":
+        bad = await nodes(unreachable_after=1.0, **tls_options(tls_files, serve=False,
+                                                                ca="other_ca.pem"))
+        target = server.address
+    elif case == "plain dial":
+        bad, target = await nodes(unreachable_after=1.0), server.address.replace("wss://", "ws://")
+    else:
+        bad = await nodes(unreachable_after=1.0, **tls_options(tls_files, serve=False))
+        target = plain_server.address.replace("ws://", "wss://")
+    with pytest.raises(Unreachable):
+        await bad.ref("echo", target).ask(Echo("x"), timeout=BOUND)
+    if case == "untrusted CA":  # a misconfiguration, not a peer that is down: said once
+        warned = [r for r in caplog.records
+                  if r.name == "actors.ws" and r.levelno == logging.WARNING
+                  and r.getMessage() == "TLS handshake failed"]
+        assert len(warned) == 1 and "CERTIFICATE_VERIFY_FAILED" in warned[0].error
+    assert await good.ref("echo", server).ask(Echo("still"), timeout=BOUND) == "echo:still"
+    assert await bad.ref("echo", plain_server).ask(Echo("plain"), timeout=BOUND) == "echo:plain"
+
+
+async def test_the_certificate_must_name_the_host_dialled(nodes, tls_files, tmp_path):
+    """A certificate for another address, signed by the trusted CA, is refused."""
+    from trustnet.tls import client_context, make_certificates, server_context
+
+    certs = make_certificates(["fd10:1234::1"])
+    (tmp_path / "cert.pem").write_bytes(certs.cert)
+    (tmp_path / "key.pem").write_bytes(certs.key)
+    (tmp_path / "ca.pem").write_bytes(certs.ca_cert)
+    server = await nodes(tls_server=server_context(str(tmp_path / "cert.pem"),
+                                                   str(tmp_path / "key.pem")))
+    client = await nodes(unreachable_after=1.0,
+                         tls_client=client_context(str(tmp_path / "ca.pem")))
+    with pytest.raises(Unreachable, match="match|mismatch|not valid"):
+        await client.ref("echo", server).ask(Echo("x"), timeout=BOUND)
+
+
+def test_advertising_the_wrong_scheme_is_refused(tls_files):
+    with pytest.raises(ValueError, match="TLS"):
+        WebsocketTransport("::1", 0, advertise="ws://[::1]:9", **tls_options(tls_files))
+    with pytest.raises(ValueError, match="no TLS"):
+        WebsocketTransport("::1", 0, advertise="wss://[::1]:9")

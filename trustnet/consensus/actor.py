@@ -49,6 +49,7 @@ from cattrs.gen import make_dict_structure_fn, make_dict_unstructure_fn, overrid
 from actors import Actor, Letter, Refused
 from actors.codec import converter, from_wire, message, refusal, to_wire
 from actors.errors import ActorError, AskTimeout, MailboxFull
+from actors.ws import is_tls
 from trustnet.registry.commands import Command, Invalid
 from trustnet.registry.state import RegistryState, Session
 
@@ -796,6 +797,11 @@ class ConsensusActor(Actor):
         return await self._leader_or_forward(msg, deadline, local)
 
     async def _add_member(self, msg: AddMember) -> dict:
+        own = self.addresses.get(self.id)
+        if own is not None and is_tls(msg.address) != is_tls(own):
+            raise MembershipRefused("invalid_member", (
+                f"address {msg.address!r}: the replicas of this group listen with "
+                + ("TLS (wss://)" if is_tls(own) else "no TLS (ws://)")))
         self.addresses[msg.id] = msg.address
         return await self._conf_change(msg, "add")
 

@@ -1,8 +1,10 @@
 """Node configuration: ``node.yaml`` plus environment overrides (record, section 8).
 
     node:     id, listen_host, listen_port, advertise, data_dir, domain
-    registry: url, ws (one address, or the replicas' separated by commas),
-              heartbeat_interval, startup_timeout, unreachable_timeout
+    registry: url, ws (one address, or the replicas' separated by commas;
+              wss:// for a registry with TLS), ca_file (what its certificate
+              is checked against), heartbeat_interval, startup_timeout,
+              unreachable_timeout
     peers:    max_connections, peer_timeout, rotate_interval
     http:     host, port (the local API)
     logging:  level, format
@@ -56,6 +58,9 @@ class RegistrySection:
     startup_timeout: Duration = Duration(30.0)
     unreachable_timeout: Duration = Duration(120.0)
     request_timeout: Duration = Duration(5.0)
+    # What a wss:// registry's certificate is checked against (PEM); None:
+    # the system's trust store.
+    ca_file: NonEmptyStr | None = None
 
 
 @attrs.frozen
@@ -103,7 +108,7 @@ class NodeConfig:
     def registry_addresses(self) -> tuple[str, ...]:
         """registry.ws: one websocket address, or a replicated registry's
         replicas separated by commas (tried in turn), normalized.
-        ValueError if one is not a ws:// address."""
+        ValueError if one is not a ws:// (or wss://) address."""
         from actors.ws import normalize_address
         return tuple(normalize_address(part.strip()) for part in self.registry.ws.split(","))
 
@@ -115,6 +120,7 @@ NODE_ENV_VARS: Mapping[str, str] = types.MappingProxyType({
     "NODE_DATA_DIR": "node.data_dir",
     "REGISTRY_URL": "registry.url",
     "REGISTRY_WS": "registry.ws",
+    "REGISTRY_CA_FILE": "registry.ca_file",
     "NODE_HTTP_PORT": "http.port",
     "LOG_LEVEL": "logging.level",
     "LOG_FORMAT": "logging.format",
@@ -149,8 +155,16 @@ def load_node_config(path: str | os.PathLike[str] | None, env: Mapping[str, str]
     try:
         config.registry_addresses
     except ValueError:
-        raise fail("registry.ws", "must be a ws://[addr]:port address, or several separated "
-                                  f"by commas, got {config.registry.ws!r}") from None
+        raise fail("registry.ws", "must be a ws://[addr]:port (or wss:// for a registry with "
+                                  "TLS) address, or several separated by commas, got "
+                                  f"{config.registry.ws!r}") from None
+    if config.registry.ca_file is not None:
+        from trustnet.tls import client_context
+        try:
+            client_context(config.registry.ca_file)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise fail("registry.ca_file", "cannot load CA certificates from "
+                                           f"{config.registry.ca_file!r}: {exc}") from None
     if not re.match(r"^https?://", config.registry.url):
         raise fail("registry.url", f"must be an http:// or https:// URL, got {config.registry.url!r}")
     if config.registry.unreachable_timeout < config.registry.heartbeat_interval:

@@ -20,6 +20,7 @@ from actors.ws import WebsocketTransport
 from trustnet.identity import IdentityError, NodeIdentity
 from trustnet.logs import hypercorn_logging
 from trustnet.signals import watch_signals
+from trustnet.tls import client_context
 
 from .config import NodeConfig
 from .context import NodeContext, NodeParams
@@ -47,8 +48,12 @@ async def serve(config: NodeConfig) -> int:
                                                         "error": str(exc)})
         return EXIT_FAILURE
     try:
+        # Peers' links are plain ws:// (the handshake proves both keys); a
+        # registry with TLS is dialled wss:// and checked against ca_file.
+        ca_file = config.registry.ca_file
         transport = WebsocketTransport(config.node.listen_host, config.node.listen_port,
-                                       advertise=config.advertise_ipv6)
+                                       advertise=config.advertise_ipv6,
+                                       tls_client=client_context(ca_file) if ca_file else None)
     except OSError as exc:
         log.critical("cannot listen for peers", extra={"port": config.node.listen_port,
                                                        "error": str(exc)})

@@ -79,7 +79,7 @@ OPENAPI: dict = {
                          "properties": {"node_a": _NAME, "node_b": _NAME}},
             "NewMember": {"type": "object", "required": ["id", "address"],
                           "additionalProperties": False, "properties": {
-                              "id": _NAME, "address": {"type": "string", "pattern": "^ws://"}}},
+                              "id": _NAME, "address": {"type": "string", "pattern": "^wss?://"}}},
             "ClusterStatus": {"type": "object", "properties": {
                 "id": {"type": "string"}, "role": {"type": "string"},
                 "leader": {"type": ["string", "null"]}, "term": {"type": "integer"},

@@ -31,6 +31,7 @@ from trustnet.consensus.core import RaftConfig
 from trustnet.consensus.replica import ReplicaSpec, open_stores
 from trustnet.logs import hypercorn_logging
 from trustnet.signals import watch_signals
+from trustnet.tls import client_context, server_context
 
 from .actor import RegistryActor
 from .http import create_app
@@ -82,6 +83,8 @@ def hypercorn_config(config: RegistryConfig) -> hypercorn.config.Config:
     hc.bind = [f"[{host}]:{config.listen.port}" if ":" in host else f"{host}:{config.listen.port}"]
     hc.graceful_timeout = 5.0
     hc.keep_alive_timeout = 75.0
+    if config.tls.enabled:  # https:// (hypercorn builds its context from the files)
+        hc.certfile, hc.keyfile = config.tls.cert_file, config.tls.key_file
     return hypercorn_logging(hc)
 
 
@@ -131,9 +134,12 @@ async def _run(config: RegistryConfig, state: RegistryState,
         # nodes do not, and may not send what only replicas may.
         advertise = replica.addresses[replica.id] if replica is not None else None
         secret = config.replication.secret if replica is not None else None
-        transport = WebsocketTransport(config.listen.host, config.listen.ws_port,
-                                       advertise=advertise,
-                                       secret=secret.encode() if secret else None)
+        tls = config.tls
+        transport = WebsocketTransport(
+            config.listen.host, config.listen.ws_port, advertise=advertise,
+            secret=secret.encode() if secret else None,
+            tls_server=server_context(tls.cert_file, tls.key_file) if tls.enabled else None,
+            tls_client=client_context(tls.ca_file) if tls.enabled else None)
     except OSError as exc:
         log.critical("cannot listen for node links",
                      extra={"port": config.listen.ws_port, "error": str(exc)})

@@ -1,0 +1,132 @@
+"""TLS for the registry: its HTTP API (https://) and its websocket port (wss://).
+
+The registry is given a certificate and its key (record, section 10: a
+mounted file, e.g. /certs/cert.pem); replicas and nodes check it against a
+CA file they are given, or the system's trust store. `make_certificates`
+issues a private CA and a certificate for a list of hosts (IP addresses or
+names), for a deployment without a CA of its own and for the tests:
+``trustnet tls-cert --host fd10:1234::1 --out certs/``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import ssl
+
+import attrs
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+__all__ = ["Certificates", "client_context", "make_certificates", "server_context",
+           "write_certificates"]
+
+
+def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """What a TLS listener presents; OSError or ssl.SSLError if the files do not load."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
+def client_context(ca_file: str | None = None) -> ssl.SSLContext:
+    """What a dialler checks a wss:// peer against: `ca_file` (PEM), or the
+    system's trust store when None; the certificate must name the host dialled."""
+    context = ssl.create_default_context(cafile=ca_file)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+@attrs.frozen
+class Certificates:
+    """PEM bytes: a private CA and a certificate it issued, with their keys."""
+
+    ca_cert: bytes
+    ca_key: bytes
+    cert: bytes
+    key: bytes
+
+
+def make_certificates(hosts: list[str], days: int = 825,
+                      name: str = "trustnet registry") -> Certificates:
+    """A new CA (P-256) and a server certificate for `hosts`: each an IP
+    address (an IP SAN) or a DNS name. ValueError if `hosts` is empty."""
+    if not hosts:
+        raise ValueError("a certificate needs at least one host")
+    sans: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            sans.append(x509.IPAddress(ipaddress.ip_address(host.strip("[]"))))
+        except ValueError:
+            sans.append(x509.DNSName(host))
+    now = datetime.datetime.now(datetime.UTC)
+    not_before, not_after = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=days)
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, f"{name} CA")])
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name).issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before).not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, key_cert_sign=True, crl_sign=True,
+            content_commitment=False, key_encipherment=False, data_encipherment=False,
+            key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(ca_ski, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before).not_valid_after(not_after)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(
+            digital_signature=True, key_cert_sign=False, crl_sign=False,
+            content_commitment=False, key_encipherment=False, data_encipherment=False,
+            key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+                       critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+
+    def pem_key(k: ec.EllipticCurvePrivateKey) -> bytes:
+        return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                               serialization.NoEncryption())
+
+    return Certificates(ca_cert=ca_cert.public_bytes(serialization.Encoding.PEM),
+                        ca_key=pem_key(ca_key),
+                        cert=cert.public_bytes(serialization.Encoding.PEM), key=pem_key(key))
+
+
+def write_certificates(certs: Certificates, directory: str) -> dict[str, str]:
+    """ca.pem, ca.key, cert.pem and key.pem in `directory` (created if
+    missing; the keys mode 0600); returns their paths by name. Refuses to
+    overwrite a file (FileExistsError)."""
+    os.makedirs(directory, exist_ok=True)
+    files = {"ca.pem": (certs.ca_cert, 0o644), "ca.key": (certs.ca_key, 0o600),
+             "cert.pem": (certs.cert, 0o644), "key.pem": (certs.key, 0o600)}
+    paths = {name: os.path.join(directory, name) for name in files}
+    for name, path in paths.items():
+        if os.path.exists(path):
+            raise FileExistsError(f"{path} exists; remove it or pick another directory")
+    for name, (data, mode) in files.items():
+        fd = os.open(paths[name], os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+    return paths
