@@ -563,13 +563,22 @@ class ActorSystem:
         self._pending[cid] = (self._require_transport(address).link_address(address), reply,
                               codec.needs_trust(msg))
         try:
+            sent = False
             with trio.move_on_after(timeout):
                 await self._send_remote(address, Envelope(self.address + "/", name, "ask", msg, cid))
+                sent = True
                 return await reply.wait()
             raise AskTimeout(f"ask {type(msg).__name__} to {address}/{name} "
-                             f"got no reply within {timeout}s")
+                             f"got no reply within {timeout}s"
+                             + ("" if sent else self._no_link(address)))
         finally:
             self._pending.pop(cid, None)
+
+    def _no_link(self, address: str) -> str:
+        """Why an ask never left: the transport's last failed dial, if it knows one."""
+        link_error = getattr(self.transport, "link_error", None)
+        why = link_error(address) if link_error is not None else None
+        return f": no link to {address} came up ({why})" if why else ": no link to it came up"
 
     def _send_back(self, sender: str, env: Envelope) -> None:
         address = sender.rsplit("/", 1)[0]

@@ -485,6 +485,15 @@ class WebsocketTransport:
     def link_address(self, address: str) -> str:
         return normalize_address(address)
 
+    def link_error(self, address: str) -> str | None:
+        """Why the link to `address` is down (its last failed dial, e.g. a
+        certificate that did not verify); None if it is up or never used."""
+        try:
+            link = self._links.get(normalize_address(address))
+        except ValueError:
+            return None
+        return None if link is None or link.connections else link.last_error
+
     def connections(self, address: str) -> list[Literal["in", "out"]]:
         """The live connections to `address`, oldest first: "in" was accepted,
         "out" was dialled by us. Empty when the link is down."""

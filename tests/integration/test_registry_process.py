@@ -733,7 +733,9 @@ async def test_tls_serves_the_api_on_https_and_nodes_on_wss(start_registry, tmp_
             with pytest.raises(Exception):  # NodeExited: it never got ready
                 await doubting.start(nursery)
             assert await doubting.wait() == 1
-            assert "CERTIFICATE_VERIFY_FAILED" in doubting.describe(), doubting.describe()
+            [fatal] = [d for d in doubting.lines if d.get("level") == "fatal"]
+            assert "CERTIFICATE_VERIFY_FAILED" in fatal["error"], doubting.describe()
+            assert doubting.logs("TLS handshake failed"), doubting.describe()
         finally:
             with trio.CancelScope(shield=True):
                 await trusting.aclose()

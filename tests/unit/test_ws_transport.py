@@ -1008,6 +1008,22 @@ async def test_the_certificate_must_name_the_host_dialled(nodes, tls_files, tmp_
         await client.ref("echo", server).ask(Echo("x"), timeout=BOUND)
 
 
+async def test_an_ask_that_never_left_says_why_the_link_is_down(nodes, tls_files):
+    """An ask whose timeout runs out before any link came up names the last
+    failed dial (here the certificate), not just the timeout."""
+    from actors import AskTimeout
+
+    server = await nodes(**tls_options(tls_files))
+    doubting = await nodes(unreachable_after=30.0, **tls_options(tls_files, serve=False,
+                                                                  ca="other_ca.pem"))
+    with pytest.raises(AskTimeout, match="no link to .* came up .*CERTIFICATE_VERIFY_FAILED"):
+        await doubting.ref("echo", server).ask(Echo("x"), timeout=2.0)
+    assert doubting.transport.link_error(server.address) is not None
+    good = await nodes(**tls_options(tls_files, serve=False))
+    assert await good.ref("echo", server).ask(Echo("x"), timeout=BOUND) == "echo:x"
+    assert good.transport.link_error(server.address) is None
+
+
 def test_advertising_the_wrong_scheme_is_refused(tls_files):
     with pytest.raises(ValueError, match="TLS"):
         WebsocketTransport("::1", 0, advertise="ws://[::1]:9", **tls_options(tls_files))
