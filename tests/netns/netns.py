@@ -52,6 +52,7 @@ import secrets
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -481,12 +482,17 @@ class Network:
 
     async def http(self, host: Host, method: str, port: int, path: str, *,
                    address: str = "::1", json: Any = None, body: bytes | None = None,
-                   timeout: float = 10.0) -> HttpResponse:
-        """One HTTP/1.1 request made from inside ``host`` (default: to its own [::1])."""
+                   timeout: float = 10.0, tls_ca: str | None = None) -> HttpResponse:
+        """One HTTP/1.1 request made from inside ``host`` (default: to its own
+        [::1]); over TLS, the certificate checked against ``tls_ca``, when given."""
         if json is not None:
             body = orjson.dumps(json)
         with trio.fail_after(timeout):
-            stream = await self.connect_tcp(host, address, port, timeout=timeout)
+            stream: trio.abc.Stream = await self.connect_tcp(host, address, port, timeout=timeout)
+            if tls_ca is not None:
+                stream = trio.SSLStream(stream, ssl.create_default_context(cafile=tls_ca),
+                                        server_hostname=address, https_compatible=True)
+                await stream.do_handshake()
             async with stream:
                 head = (f"{method} {path} HTTP/1.1\r\nHost: [{address}]:{port}\r\n"
                         "Connection: close\r\nAccept: application/json\r\n")

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from netns import DUMP_KEY, TRUSTNET, Host, Network, NsProcess, clean_env, eventually
+from trustnet.tls import make_certificates, write_certificates
 
 REPLICAS = {"r1": "fd10:1234:ffff::11", "r2": "fd10:1234:ffff::12", "r3": "fd10:1234:ffff::13"}
 HTTP, WS = 8000, 8001
@@ -22,15 +23,21 @@ HTTP, WS = 8000, 8001
 class Group:
     """Three `trustnet registry` replicas, one per host, sharing a secret."""
 
-    def __init__(self, net: Network, tmp: Path):
+    def __init__(self, net: Network, tmp: Path, tls: bool = False):
         self.net = net
         self.tmp = tmp
         self.secret = secrets.token_hex(24)
         self.hosts: dict[str, Host] = {}
         self.procs: dict[str, NsProcess] = {}
+        # tls: one certificate for the group, naming every replica's address
+        # (and [::1], where the test's requests go), as `trustnet tls-cert` makes it.
+        self.tls = write_certificates(make_certificates(["::1", *REPLICAS.values()]),
+                                      str(tmp / "certs")) if tls else None
 
     async def start(self) -> None:
-        peers = [{"id": rid, "address": f"ws://[{addr}]:{WS}"} for rid, addr in REPLICAS.items()]
+        scheme = "wss" if self.tls else "ws"
+        peers = [{"id": rid, "address": f"{scheme}://[{addr}]:{WS}"}
+                 for rid, addr in REPLICAS.items()]
         for rid, addr in REPLICAS.items():
             host = self.hosts[rid] = await self.net.add_host(rid, addr)
             config = self.tmp / f"{rid}.yaml"
@@ -39,6 +46,8 @@ class Group:
                 "database": {"path": str(self.tmp / rid / "registry.db")},
                 "replication": {"enabled": True, "id": rid, "peers": peers},
                 "logging": {"level": "info", "format": "json"},
+                **({"tls": {"cert_file": self.tls["cert.pem"], "key_file": self.tls["key.pem"],
+                            "ca_file": self.tls["ca.pem"]}} if self.tls else {}),
             }))
             (self.tmp / rid).mkdir()
             self.procs[rid] = await self.net.start(
@@ -52,7 +61,8 @@ class Group:
                       timeout: float = 15.0):
         """One HTTP request to replica `rid`, made on its own host."""
         return await self.net.http(self.hosts[rid], method, HTTP, path, json=json,
-                                   timeout=timeout)
+                                   timeout=timeout,
+                                   tls_ca=self.tls["ca.pem"] if self.tls else None)
 
     async def status(self, rid: str) -> dict:
         resp = await self.request(rid, "GET", "/cluster")
@@ -80,9 +90,10 @@ class Group:
         return "\n".join(p.describe(tail=40) for p in self.procs.values())
 
 
-@pytest.fixture
+@pytest.fixture(params=["ws", "wss"])
 async def group(network, tmp_path, request):
-    g = Group(network, tmp_path)
+    """The group over plain websockets, and over TLS (https:// API, wss:// Raft)."""
+    g = Group(network, tmp_path, tls=request.param == "wss")
     request.node.stash[DUMP_KEY] = g.dump
     yield g
 
