@@ -269,6 +269,12 @@ class _NoSecret(Exception):
     """A dial for a trusted connection reached a peer without the secret."""
 
 
+class _NoWebsocketAnswer(trio.TooSlowError):
+    """TCP connected but the websocket handshake got no answer in time; a
+    TLS listener dialled as ws:// looks like this (trio-websocket does not
+    notice the peer hanging up during its handshake)."""
+
+
 class _TrustedFrame(str):
     """An encoded envelope whose message needs a trusted connection."""
 
@@ -292,6 +298,7 @@ class _Link:
         self.dialing = False
         self.failures = 0  # failed dials (and short-lived links) since the last good link
         self.last_error = "not dialled yet"
+        self.warned = False  # a dial failure that is likely a misconfiguration was logged
         self._changed = trio.Event()
 
     @property
@@ -733,13 +740,21 @@ class WebsocketTransport:
         except _DIAL_ERRORS as exc:
             link.failures += 1
             link.last_error = _describe(exc)
-            # A peer that is down is routine; a TLS handshake that fails is
-            # a certificate or a scheme that does not match: say so once.
-            tls_failure = link.tls and isinstance(exc.__cause__, ssl.SSLError)
-            log.log(logging.WARNING if tls_failure and link.failures == 1 else logging.DEBUG,
-                    "TLS handshake failed" if tls_failure else "dial failed",
-                    extra={"peer": link.peer, "attempt": link.failures,
-                           "error": link.last_error})
+            # A peer that is down is routine (debug); a TLS handshake that
+            # fails, or a websocket handshake nobody answers, is more likely
+            # a certificate or a scheme that does not match: a warning, once
+            # until the link is up again.
+            if link.tls and isinstance(exc.__cause__, ssl.SSLError):
+                message = "TLS handshake failed"
+            elif isinstance(exc, _NoWebsocketAnswer):
+                message = "no websocket handshake answer"
+            else:
+                message = "dial failed"
+            level = logging.DEBUG
+            if message != "dial failed" and not link.warned:
+                level, link.warned = logging.WARNING, True
+            log.log(level, message, extra={"peer": link.peer, "attempt": link.failures,
+                                           "error": link.last_error})
         except (ProtocolError, _NoSecret) as exc:  # its welcome was wrong or 0
             link.failures += 1
             link.last_error = f"{type(exc).__name__}: {exc}"
@@ -773,11 +788,16 @@ class WebsocketTransport:
                 hello, nonce = hello_frame(self.address, proof), proof["nonce"]
             with collapsed():
                 async with stream, trio.open_nursery() as nursery:
-                    with trio.fail_after(self.connect_timeout):
+                    with trio.move_on_after(self.connect_timeout) as handshake:
                         ws = await trio_websocket.wrap_client_stream(
                             nursery, stream, link.http_host, "/",
                             max_message_size=self.max_frame_bytes,
                             receive_buffer_size=RECEIVE_BUFFER)
+                    if handshake.cancelled_caught:
+                        hint = "" if link.tls else " (if the peer serves TLS, dial wss://)"
+                        raise _NoWebsocketAnswer(f"no answer to the websocket handshake within "
+                                                 f"{self.connect_timeout:g}s{hint}")
+                    with trio.fail_after(self.connect_timeout):
                         await ws.send_message(hello)
                         conn = _Connection(ws)
                         if nonce is not None:
@@ -876,6 +896,7 @@ class WebsocketTransport:
 
     def _attach(self, link: _Link, conn: _Connection) -> None:
         link.connections.append(conn)
+        link.warned = False
         log.info("link up", extra={"peer": link.peer, "remote": conn.remote,
                                    "direction": conn.direction, "trusted": conn.trusted,
                                    "connections": len(link.connections)})

@@ -81,7 +81,8 @@ def _tls_cert_args(p: argparse.ArgumentParser) -> None:
                    help="an IP address or DNS name the registry is reached at (repeat for "
                         "each; every replica's address for a replicated registry)")
     p.add_argument("--out", metavar="DIR", required=True,
-                   help="where to write ca.pem, ca.key, cert.pem and key.pem (keys mode 0600)")
+                   help="where to write ca.pem, cert.pem and key.pem (mode 0600); the CA's "
+                        "own key is not kept, so it can issue nothing else")
     p.add_argument("--days", type=int, default=825, help="validity (default 825 days)")
 
 
@@ -89,9 +90,6 @@ def _tls_cert_args(p: argparse.ArgumentParser) -> None:
 def _tls_cert(args: argparse.Namespace) -> int:
     from trustnet.tls import make_certificates, write_certificates
 
-    if args.days < 1:
-        print("error: --days must be at least 1", file=sys.stderr)
-        return EXIT_CONFIG
     try:
         paths = write_certificates(make_certificates(args.host, days=args.days), args.out)
     except (FileExistsError, ValueError) as exc:
@@ -104,7 +102,6 @@ def _tls_cert(args: argparse.Namespace) -> int:
           f" (replicas also REGISTRY_TLS_CA={paths['ca.pem']})")
     print(f"nodes:    REGISTRY_CA_FILE={paths['ca.pem']} (and REGISTRY_WS=wss://...)")
     print(f"clients:  curl --cacert {paths['ca.pem']} https://...")
-    print(f"keep {paths['ca.key']} offline: it can issue certificates that all of them trust")
     return EXIT_OK
 
 

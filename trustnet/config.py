@@ -737,33 +737,57 @@ def load_registry_config(path: str | os.PathLike[str] | None, env: Mapping[str, 
     """Load the registry config from ``path`` (``None``: defaults) and ``env``."""
     config = load_config(RegistryConfig, path, env, REGISTRY_ENV_VARS)
     source = os.fspath(path) if path is not None else "<defaults>"
-    check_tls(config.tls, source)
+
+    def source_of(field: str) -> str:
+        """Where a field's value came from: its environment variable, else the file."""
+        var = next((v for v, f in REGISTRY_ENV_VARS.items() if f == field and v in env), None)
+        return f"environment variable {var}" if var is not None else source
+
+    check_tls(config.tls, source_of)
     check_replication(config, source)
     return config
 
 
-def check_tls(tls: TlsConfig, source: str) -> None:
-    """Both or neither of cert_file and key_file; every file given loads."""
-    from trustnet.tls import client_context, server_context
+def check_tls(tls: TlsConfig, source_of: Callable[[str], str]) -> None:
+    """Both or neither of cert_file and key_file; every file given can be
+    read and loads (the key without a pass phrase). `source_of(field)`
+    names where a field's value came from."""
+    from trustnet.tls import EncryptedKey, client_context, server_context
 
     if (tls.cert_file is None) != (tls.key_file is None):
-        missing = "tls.key_file" if tls.key_file is None else "tls.cert_file"
-        raise ConfigError(source, missing, "is required when the other of tls.cert_file and "
-                          "tls.key_file is set (REGISTRY_TLS_CERT, REGISTRY_TLS_KEY)")
+        given, missing = (("tls.cert_file", "tls.key_file") if tls.key_file is None
+                          else ("tls.key_file", "tls.cert_file"))
+        raise ConfigError(source_of(given), missing, f"is required when {given} is set "
+                          "(REGISTRY_TLS_CERT and REGISTRY_TLS_KEY go together)")
     if tls.ca_file is not None and not tls.enabled:
-        raise ConfigError(source, "tls.ca_file", "is only used with tls.cert_file and "
-                          "tls.key_file (it checks the other replicas' certificates)")
+        raise ConfigError(source_of("tls.ca_file"), "tls.ca_file", "is only used with "
+                          "tls.cert_file and tls.key_file (it checks the other replicas' "
+                          "certificates)")
+    for field, path in (("tls.cert_file", tls.cert_file), ("tls.key_file", tls.key_file),
+                        ("tls.ca_file", tls.ca_file)):
+        if path is None:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(source_of(field), field,
+                              f"cannot read {path!r}: {exc.strerror or exc}") from None
     if tls.enabled:
         try:
             server_context(tls.cert_file, tls.key_file)  # type: ignore[arg-type]
+        except EncryptedKey as exc:
+            raise ConfigError(source_of("tls.key_file"), "tls.key_file",
+                              f"{tls.key_file!r}: {exc}") from None
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
-            raise ConfigError(source, "tls.cert_file", f"cannot load the certificate "
-                              f"{tls.cert_file!r} with its key {tls.key_file!r}: {exc}") from None
+            raise ConfigError(source_of("tls.cert_file"), "tls.cert_file", (
+                f"cannot load the certificate {tls.cert_file!r} with the key "
+                f"{tls.key_file!r} (PEM, the key matching the certificate): {exc}")) from None
     if tls.ca_file is not None:
         try:
             client_context(tls.ca_file)
         except (OSError, ValueError) as exc:
-            raise ConfigError(source, "tls.ca_file",
+            raise ConfigError(source_of("tls.ca_file"), "tls.ca_file",
                               f"cannot load CA certificates from {tls.ca_file!r}: {exc}") from None
 
 

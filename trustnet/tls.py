@@ -4,7 +4,8 @@ The registry is given a certificate and its key (record, section 10: a
 mounted file, e.g. /certs/cert.pem); replicas and nodes check it against a
 CA file they are given, or the system's trust store. `make_certificates`
 issues a private CA and a certificate for a list of hosts (IP addresses or
-names), for a deployment without a CA of its own and for the tests:
+names; the CA's key is not kept), for a deployment without a CA of its own
+and for the tests:
 ``trustnet tls-cert --host fd10:1234::1 --out certs/``.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 import ssl
 
 import attrs
@@ -21,15 +23,25 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-__all__ = ["Certificates", "client_context", "make_certificates", "server_context",
-           "write_certificates"]
+__all__ = ["Certificates", "EncryptedKey", "MAX_DAYS", "client_context", "make_certificates",
+           "server_context", "subject_name", "write_certificates"]
+
+
+class EncryptedKey(ValueError):
+    """The private key needs a pass phrase; a service that starts unattended cannot give one."""
+
+
+def _no_pass_phrase() -> str:
+    raise EncryptedKey("the private key is encrypted; give an unencrypted key "
+                       "(the registry starts unattended and cannot ask for a pass phrase)")
 
 
 def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
-    """What a TLS listener presents; OSError or ssl.SSLError if the files do not load."""
+    """What a TLS listener presents; OSError or ssl.SSLError if the files do
+    not load, EncryptedKey if the key needs a pass phrase (never prompts)."""
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(cert_file, key_file)
+    context.load_cert_chain(cert_file, key_file, password=_no_pass_phrase)
     return context
 
 
@@ -39,6 +51,30 @@ def client_context(ca_file: str | None = None) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=ca_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
+
+
+MAX_DAYS = 36_500
+# A DNS name a certificate can carry: dot-separated labels of letters, digits
+# and inner hyphens (an optional leading "*." wildcard).
+_DNS_NAME = re.compile(r"(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+                       r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?")
+
+
+def subject_name(host: str) -> x509.GeneralName:
+    """The certificate entry for `host`: an IP address (brackets allowed) or a
+    DNS name; ValueError naming the problem otherwise."""
+    text = host.strip()
+    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    if "%" in bare:
+        raise ValueError(f"{host!r}: a scoped address (%zone) cannot be named in a certificate")
+    try:
+        return x509.IPAddress(ipaddress.ip_address(bare))
+    except ValueError:
+        pass
+    if len(text) > 253 or not _DNS_NAME.fullmatch(text):
+        raise ValueError(f"{host!r} is neither an IP address nor a DNS name "
+                         "(give the host alone, no scheme or port)")
+    return x509.DNSName(text.rstrip(".").lower())
 
 
 @attrs.frozen
@@ -54,15 +90,13 @@ class Certificates:
 def make_certificates(hosts: list[str], days: int = 825,
                       name: str = "trustnet registry") -> Certificates:
     """A new CA (P-256) and a server certificate for `hosts`: each an IP
-    address (an IP SAN) or a DNS name. ValueError if `hosts` is empty."""
+    address (an IP SAN) or a DNS name. ValueError if `hosts` is empty, a host
+    is neither, or `days` is outside 1..MAX_DAYS."""
     if not hosts:
         raise ValueError("a certificate needs at least one host")
-    sans: list[x509.GeneralName] = []
-    for host in hosts:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(host.strip("[]"))))
-        except ValueError:
-            sans.append(x509.DNSName(host))
+    if not 1 <= days <= MAX_DAYS:
+        raise ValueError(f"days must be 1..{MAX_DAYS}, got {days}")
+    sans = list(dict.fromkeys(subject_name(host) for host in hosts))
     now = datetime.datetime.now(datetime.UTC)
     not_before, not_after = now - datetime.timedelta(hours=1), now + datetime.timedelta(days=days)
 
@@ -115,18 +149,28 @@ def make_certificates(hosts: list[str], days: int = 825,
 
 
 def write_certificates(certs: Certificates, directory: str) -> dict[str, str]:
-    """ca.pem, ca.key, cert.pem and key.pem in `directory` (created if
-    missing; the keys mode 0600); returns their paths by name. Refuses to
-    overwrite a file (FileExistsError)."""
+    """ca.pem, cert.pem and key.pem (mode 0600) in `directory` (created if
+    missing); returns their paths by name. The CA's key is not written: the
+    CA has issued what it will ever issue, so a leaked directory cannot mint
+    certificates its clients trust. Refuses to overwrite anything
+    (FileExistsError) and leaves nothing half-written behind."""
     os.makedirs(directory, exist_ok=True)
-    files = {"ca.pem": (certs.ca_cert, 0o644), "ca.key": (certs.ca_key, 0o600),
-             "cert.pem": (certs.cert, 0o644), "key.pem": (certs.key, 0o600)}
+    files = {"ca.pem": (certs.ca_cert, 0o644), "cert.pem": (certs.cert, 0o644),
+             "key.pem": (certs.key, 0o600)}
     paths = {name: os.path.join(directory, name) for name in files}
-    for name, path in paths.items():
-        if os.path.exists(path):
+    for path in paths.values():
+        if os.path.lexists(path):
             raise FileExistsError(f"{path} exists; remove it or pick another directory")
-    for name, (data, mode) in files.items():
-        fd = os.open(paths[name], os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+    written: list[str] = []
+    try:
+        for name, (data, mode) in files.items():
+            # O_EXCL|O_NOFOLLOW: never through a link planted meanwhile
+            fd = os.open(paths[name], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+            written.append(paths[name])
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+    except BaseException:
+        for path in written:
+            os.unlink(path)
+        raise
     return paths

@@ -169,8 +169,8 @@ def test_tls_cert_writes_a_ca_and_a_certificate_a_registry_loads(tmp_path, capsy
     out = tmp_path / "certs"
     assert run_main(["tls-cert", "--host", "::1", "--host", "registry.example", "--out", str(out)]) == 0
     assert "REGISTRY_TLS_CERT=" in capsys.readouterr().out
-    for key in ("ca.key", "key.pem"):
-        assert stat.S_IMODE((out / key).stat().st_mode) == 0o600
+    assert stat.S_IMODE((out / "key.pem").stat().st_mode) == 0o600
+    assert sorted(p.name for p in out.iterdir()) == ["ca.pem", "cert.pem", "key.pem"]  # no CA key
     c = load_registry_config(None, {"REGISTRY_TLS_CERT": str(out / "cert.pem"),
                                     "REGISTRY_TLS_KEY": str(out / "key.pem")})
     assert c.tls.enabled
@@ -183,7 +183,11 @@ def test_tls_cert_writes_a_ca_and_a_certificate_a_registry_loads(tmp_path, capsy
     # never over what is there, and usage errors exit 2
     assert run_main(["tls-cert", "--host", "::1", "--out", str(out)]) == 2
     assert "exists" in capsys.readouterr().err
-    assert run_main(["tls-cert", "--host", "::1", "--days", "0", "--out", str(tmp_path / "x")]) == 2
+    for bad in (["--days", "0"], ["--days", "99999999"], ["--host", ""], ["--host", "a b"],
+                ["--host", "wss://[::1]:8001"], ["--host", "fe80::1%eth0"]):
+        assert run_main(["tls-cert", "--host", "::1", *bad, "--out", str(tmp_path / "x")]) == 2
+        assert "error:" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
 
 
 def test_commands_table():
@@ -248,3 +252,14 @@ def test_version_when_not_installed(monkeypatch):
 
     monkeypatch.setattr(version_mod.importlib.metadata, "version", missing)
     assert version() == "0.0.0+unknown"
+
+
+def test_tls_cert_leaves_nothing_half_written(tmp_path, capsys):
+    """A name taken in the output directory (here a dangling link) stops it
+    before anything is written, so a second try in a clean directory works."""
+    out = tmp_path / "certs"
+    out.mkdir()
+    (out / "key.pem").symlink_to(tmp_path / "nowhere")
+    assert run_main(["tls-cert", "--host", "::1", "--out", str(out)]) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["key.pem"]
+    assert not (tmp_path / "nowhere").exists()

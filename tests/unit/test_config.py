@@ -622,25 +622,50 @@ def test_tls_is_off_by_default_and_on_with_a_certificate_and_its_key(tls_files):
     assert replica_addresses(c) == {"r1": "wss://[::1]:8001"}  # the ws port serves TLS
 
 
-@pytest.mark.parametrize(("env", "field", "problem"), [
-    ({"REGISTRY_TLS_CERT": "cert.pem"}, "tls.key_file", "is required when the other"),
-    ({"REGISTRY_TLS_KEY": "key.pem"}, "tls.cert_file", "is required when the other"),
-    ({"REGISTRY_TLS_CA": "ca.pem"}, "tls.ca_file", "only used with"),
-    ({"REGISTRY_TLS_CERT": "missing.pem", "REGISTRY_TLS_KEY": "key.pem"}, "tls.cert_file",
-     "No such file"),
-    ({"REGISTRY_TLS_CERT": "ca.pem", "REGISTRY_TLS_KEY": "key.pem"}, "tls.cert_file",
-     "KEY_VALUES_MISMATCH"),
-    ({"REGISTRY_TLS_CERT": "key.pem", "REGISTRY_TLS_KEY": "key.pem"}, "tls.cert_file",
-     "cannot load the certificate"),
+@pytest.mark.parametrize(("env", "var", "field", "problem"), [
+    ({"REGISTRY_TLS_CERT": "cert.pem"}, "REGISTRY_TLS_CERT", "tls.key_file",
+     "is required when tls.cert_file is set"),
+    ({"REGISTRY_TLS_KEY": "key.pem"}, "REGISTRY_TLS_KEY", "tls.cert_file",
+     "is required when tls.key_file is set"),
+    ({"REGISTRY_TLS_CA": "ca.pem"}, "REGISTRY_TLS_CA", "tls.ca_file", "only used with"),
+    ({"REGISTRY_TLS_CERT": "missing.pem", "REGISTRY_TLS_KEY": "key.pem"}, "REGISTRY_TLS_CERT",
+     "tls.cert_file", "missing.pem': No such file"),
+    ({"REGISTRY_TLS_CERT": "cert.pem", "REGISTRY_TLS_KEY": "missing.pem"}, "REGISTRY_TLS_KEY",
+     "tls.key_file", "missing.pem': No such file"),
+    ({"REGISTRY_TLS_CERT": "ca.pem", "REGISTRY_TLS_KEY": "key.pem"}, "REGISTRY_TLS_CERT",
+     "tls.cert_file", "KEY_VALUES_MISMATCH"),
+    ({"REGISTRY_TLS_CERT": "key.pem", "REGISTRY_TLS_KEY": "key.pem"}, "REGISTRY_TLS_CERT",
+     "tls.cert_file", "cannot load the certificate"),
+    ({"REGISTRY_TLS_CERT": "cert.pem", "REGISTRY_TLS_KEY": "encrypted.pem"}, "REGISTRY_TLS_KEY",
+     "tls.key_file", "the private key is encrypted"),
     ({"REGISTRY_TLS_CERT": "cert.pem", "REGISTRY_TLS_KEY": "key.pem", "REGISTRY_TLS_CA": "key.pem"},
-     "tls.ca_file", "cannot load CA certificates"),
+     "REGISTRY_TLS_CA", "tls.ca_file", "cannot load CA certificates"),
 ])
 def test_tls_files_that_do_not_go_together_or_do_not_load_are_config_errors(
-        tls_files, env, field, problem):
+        tls_files, env, var, field, problem):
+    """Each names the variable the value came from and the field; an
+    encrypted key is refused at once (an unattended registry would otherwise
+    stop at a pass-phrase prompt)."""
+    from cryptography.hazmat.primitives import serialization
+
     folder = Path(tls_files["ca.pem"]).parent
+    encrypted = folder / "encrypted.pem"
+    if not encrypted.exists():
+        key = serialization.load_pem_private_key(Path(tls_files["key.pem"]).read_bytes(), None)
+        encrypted.write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"pass phrase")))
     with pytest.raises(ConfigError) as info:
         load_registry_config(None, {k: str(folder / v) for k, v in env.items()})
+    assert info.value.source == f"environment variable {var}", str(info.value)
     assert info.value.field == field and problem in str(info.value), str(info.value)
+
+
+def test_tls_errors_from_the_file_name_the_file(tmp_path):
+    p = write(tmp_path, "tls: {cert_file: /nonexistent/cert.pem, key_file: /nonexistent/key.pem}\n")
+    with pytest.raises(ConfigError) as info:
+        load_registry_config(p, {})
+    assert (info.value.source, info.value.field) == (str(p), "tls.cert_file"), str(info.value)
 
 
 @pytest.mark.parametrize(("tls", "address"), [(True, "ws://[::1]:8011"), (False, "wss://[::1]:8011")])

@@ -50,10 +50,14 @@ def test_registry_ws_lists_the_replicas_in_order(tmp_path):
     ("node:\n  id: a\n  colour: red\n", {}, "node.colour: unknown key"),
     ("node:\n  id: a\n", {"NODE_NAME": "bad name"}, "environment variable NODE_NAME: node.id:"),
     ("node:\n  id: a\n", {"NODE_HTTP_PORT": "x"}, "environment variable NODE_HTTP_PORT: http.port:"),
-    ("node:\n  id: a\n", {"REGISTRY_CA_FILE": "/nonexistent/ca.pem"},
+    ("node:\n  id: a\n", {"REGISTRY_CA_FILE": "/nonexistent/ca.pem", "REGISTRY_WS": "wss://[::1]:1"},
      "environment variable REGISTRY_CA_FILE: registry.ca_file: cannot load CA certificates"),
-    ("node:\n  id: a\nregistry:\n  ca_file: node.yaml\n", {},
+    ("node:\n  id: a\nregistry:\n  ws: 'wss://[::1]:1'\n  ca_file: node.yaml\n", {},
      "node.yaml: registry.ca_file: cannot load CA certificates"),
+    ("node:\n  id: a\nregistry:\n  ca_file: node.yaml\n", {},
+     "node.yaml: registry.ca_file: is only used for a wss:// registry"),
+    ("node:\n  id: a\n", {"REGISTRY_WS": "wss://[::1]:1,ws://[::1]:2"},
+     "environment variable REGISTRY_WS: registry.ws: mixes ws:// and wss://"),
 ])
 def test_bad_config_names_source_and_field(tmp_path, text, env, expect):
     with pytest.raises(ConfigError) as info:

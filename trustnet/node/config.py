@@ -158,8 +158,15 @@ def load_node_config(path: str | os.PathLike[str] | None, env: Mapping[str, str]
         raise fail("registry.ws", "must be a ws://[addr]:port (or wss:// for a registry with "
                                   "TLS) address, or several separated by commas, got "
                                   f"{config.registry.ws!r}") from None
+    schemes = {address.split("://", 1)[0] for address in config.registry_addresses}
+    if len(schemes) > 1:
+        raise fail("registry.ws", "mixes ws:// and wss:// addresses: the replicas of a "
+                                  f"registry all serve TLS or none do, got {config.registry.ws!r}")
     if config.registry.ca_file is not None:
         from trustnet.tls import client_context
+        if schemes != {"wss"}:
+            raise fail("registry.ca_file", "is only used for a wss:// registry (registry.ws "
+                                           f"is {config.registry.ws!r})")
         try:
             client_context(config.registry.ca_file)
         except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
