@@ -11,6 +11,8 @@ import functools
 import logging
 import socket
 
+from pathlib import Path
+
 import orjson
 import pytest
 import trio
@@ -1051,6 +1053,23 @@ async def test_an_ask_that_never_left_says_why_the_link_is_down(nodes, tls_files
     good = await nodes(**tls_options(tls_files, serve=False))
     assert await good.ref("echo", server).ask(Echo("x"), timeout=BOUND) == "echo:x"
     assert good.transport.link_error(server.address) is None
+
+
+async def test_a_ca_bundle_trusts_the_old_and_the_new_certificate_during_a_rotation(
+        nodes, tls_files, tmp_path):
+    """docs/operations.md, rotating the certificate: clients get both CAs in
+    one ca_file, then the replicas move to the new certificate one by one."""
+    from trustnet.tls import client_context, make_certificates, server_context, \
+        write_certificates
+
+    new = write_certificates(make_certificates(["::1"]), str(tmp_path / "new"))
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(Path(tls_files["ca.pem"]).read_bytes() + Path(new["ca.pem"]).read_bytes())
+    old_server = await nodes(**tls_options(tls_files))
+    new_server = await nodes(tls_server=server_context(new["cert.pem"], new["key.pem"]))
+    client = await nodes(tls_client=client_context(str(bundle)))
+    assert await client.ref("echo", old_server).ask(Echo("old"), timeout=BOUND) == "echo:old"
+    assert await client.ref("echo", new_server).ask(Echo("new"), timeout=BOUND) == "echo:new"
 
 
 def test_advertising_the_wrong_scheme_is_refused(tls_files):
