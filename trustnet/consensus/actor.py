@@ -50,7 +50,7 @@ from actors import Actor, Letter, Refused
 from actors.codec import converter, from_wire, message, refusal, to_wire
 from actors.errors import ActorError, AskTimeout, MailboxFull
 from actors.ws import is_tls
-from trustnet.registry.commands import Command, Invalid
+from trustnet.registry.commands import Command, ExpireNodes, Invalid
 from trustnet.registry.state import RegistryState, Session
 
 from .core import (
@@ -233,6 +233,20 @@ class Observer(Protocol):
 
 def encode_command(request_id: str, command: Any) -> bytes:
     return orjson.dumps({"rid": request_id, "cmd": to_wire(command)})
+
+
+def _stale_expiries(items, terms: dict[int, int]) -> dict[int, Refused]:
+    """Entries carrying an ExpireNodes decided under another term than the
+    one they were committed in: the leader decided it from the leases of an
+    earlier leadership (it lost and regained the lead in between), which
+    may miss renewals made elsewhere meanwhile. Refused, index -> why."""
+    out = {}
+    for index, cmd in items:
+        command = getattr(cmd, "command", None)
+        if isinstance(command, ExpireNodes) and command.term and command.term != terms[index]:
+            out[index] = Refused("stale_term", f"an expiry decided in term {command.term} "
+                                 f"reached the log in term {terms[index]}: not applied")
+    return out
 
 
 def decode_command(data: bytes) -> Session:
@@ -554,6 +568,9 @@ class ConsensusActor(Actor):
     async def _apply(self, entries) -> None:
         items = [(e.index, decode_command(e.data) if e.kind == "normal" else None) for e in entries]
         terms = {e.index: e.term for e in entries}
+        stale = _stale_expiries(items, terms)
+        if stale:  # applied as no-ops (the same on every replica: both terms are in the log)
+            items = [(index, None if index in stale else cmd) for index, cmd in items]
         step = self.cfg.max_apply_batch
         for k in range(0, len(items), step):
             chunk = items[k:k + step]
@@ -569,7 +586,9 @@ class ConsensusActor(Actor):
                 slot = self._proposals.pop(index, None)
                 if slot is None:
                     continue
-                if terms[index] != slot.term:
+                if index in stale:
+                    slot.fail(stale[index])
+                elif terms[index] != slot.term:
                     slot.fail(NotCommitted(f"entry {index} of term {slot.term} was replaced "
                                            f"by one of term {terms[index]}"))
                 elif isinstance(result, Refused):

@@ -80,6 +80,9 @@ class RegistryActor(Actor):
         self.raft: dict = {}  # last ClusterStatus of the local consensus (replicated mode)
         self.leader_term = 0  # the term this replica leads in; 0 when it does not
         self.leader_since = 0.0
+        # Ids of an expiry proposed but not answered in time (it may still
+        # commit): if a later expiry finds them gone, that was theirs.
+        self._expiry_unknown: set[str] = set()
         self.up_since = 0.0  # when this instance loaded the leases (a lone registry)
         self.ttl = ttl
         self.heartbeat_interval = heartbeat_interval or ttl / 3
@@ -210,6 +213,12 @@ class RegistryActor(Actor):
             checked.append((letter, stmt, key))
         pairs = [(stmt, key) for _, stmt, key in checked]
         verified = await trio.to_thread.run_sync(self.gate.verify_all, pairs) if pairs else []
+        if self.consensus is not None and not self.leader_term:
+            # Leadership went while the thread checked them: the leader
+            # renews leases, not us (it checks them again).
+            for letter, _, _ in checked:
+                self.nursery.start_soon(self._forward_heartbeat, letter, letter.msg)
+            return
         now = self.clock()
         for (letter, stmt, _), ok in zip(checked, verified):
             try:
@@ -389,9 +398,14 @@ class RegistryActor(Actor):
             pool += [n for n in self.state.list_nodes(None, 1000, leases=self.leases)["nodes"]
                      if n["domain"] != me["domain"]]
         now = self.clock()
-        # Live: a lease that has not run out (one past its deadline may not
-        # have been swept yet).
-        live = {n["id"] for n in pool if (self.leases.deadline(n["id"]) or 0.0) > now}
+        if self.consensus is not None and not self.leader_term:
+            # A follower keeps no leases: the stored deadlines (a checkpoint
+            # behind the leader's) are good enough for hints.
+            live = {n["id"] for n in pool if (n.get("lease_deadline") or 0.0) > now}
+        else:
+            # Live: a lease that has not run out (one past its deadline may
+            # not have been swept yet).
+            live = {n["id"] for n in pool if (self.leases.deadline(n["id"]) or 0.0) > now}
         return candidates(me, pool, live, max(1, min(limit, 100)), self.rng)
 
     def _fresh(self, node: dict) -> dict:
@@ -438,9 +452,12 @@ class RegistryActor(Actor):
         scores = self.reputation.take_dirty()
         for i in range(0, len(scores), CHECKPOINT_CHUNK):
             await self._apply_soft([_set_scores(scores[i:i + CHECKPOINT_CHUNK])], pace)
-        dirty = self.leases.take_dirty()
-        for i in range(0, len(dirty), CHECKPOINT_CHUNK):
-            await self._apply_soft([_checkpoint_leases(dirty[i:i + CHECKPOINT_CHUNK])], pace)
+        # Chunk by chunk, each taken just before it is written: values taken
+        # up front would rewind a lease a registration stored meanwhile.
+        ids = self.leases.dirty_ids()
+        for i in range(0, len(ids), CHECKPOINT_CHUNK):
+            if chunk := self.leases.take_dirty(ids[i:i + CHECKPOINT_CHUNK]):
+                await self._apply_soft([_checkpoint_leases(chunk)], pace)
 
     async def _apply_soft(self, commands: list[Any], pace: bool) -> None:
         """Apply without fsync; `pace`: then rest as long as that took, so a
@@ -571,11 +588,12 @@ class RegistryActor(Actor):
         if set(body) != {"share"}:
             raise BadStatement("a session statement's body is exactly {\"share\": ...}",
                                {"node_id": node_id})
+        renewed = self._renew(node_id)  # first: no session for a node without a lease
         try:
             session, share = self.sessions.open(node_id, key, body["share"])
         except IdentityError as exc:
             raise BadStatement(str(exc), {"node_id": node_id}) from None
-        return {**self._renew(node_id), "session": session, "share": share}
+        return {**renewed, "session": session, "share": share}
 
     def _drop_lease(self, node_id: str) -> None:
         self.leases.drop(node_id)
@@ -586,6 +604,7 @@ class RegistryActor(Actor):
         start over."""
         self.leases = LeaseTable(self.ttl)
         self.sessions.clear()
+        self._expiry_unknown.clear()
 
     def _leader_heartbeat(self, node_id: str, statement: str) -> dict:
         if statement:
@@ -600,11 +619,23 @@ class RegistryActor(Actor):
 
     def _renew(self, node_id: str) -> dict:
         """A checked heartbeat renews the lease (on the leader, if replicated)."""
-        if self.consensus is not None and node_id not in self.leases:
-            # Registered through another replica since this one took over.
-            node = self._stored(node_id)
-            if node is not None:
-                self.leases.grant(node_id, self.clock(), node.get("lease_deadline"))
+        if self.consensus is not None:
+            if not self.leader_term:
+                raise Refused("not_leader", "this replica does not lead: leases live on "
+                              "the leader", {"leader": self.raft.get("leader")})
+            if not self.state.has_node(node_id):
+                # Removed by a command this actor did not propose (a
+                # deregistration through a follower, an expiry a new leader
+                # inherited): a lease without a row would be renewed for ever
+                # while the node stayed invisible. It must register again.
+                self._drop_lease(node_id)
+                raise NotFound(f"node {node_id!r} is not registered (its lease may have "
+                               "expired): register again", {"node_id": node_id})
+            if node_id not in self.leases:
+                # Registered through another replica since this one took over.
+                node = self._stored(node_id)
+                if node is not None:
+                    self.leases.grant(node_id, self.clock(), node.get("lease_deadline"))
         return self._heartbeat(node_id)
 
     def _leader_address(self) -> str | None:
@@ -663,11 +694,19 @@ class RegistryActor(Actor):
                 ExpireNodes(node_ids=tuple(due), at=now, term=self.leader_term))
         except (Refused, ActorError) as exc:
             log.warning("expiry not committed", extra={"nodes": len(due), "error": str(exc)})
+            if not isinstance(exc, Refused) or exc.code == "commit_unknown":
+                self._expiry_unknown.update(due)  # it may still commit: see below
             return
         for node_id in due:
             if (self.leases.deadline(node_id) or 0.0) <= now:  # not renewed meanwhile
                 self._drop_lease(node_id)
-        for node_id in result["expired"]:
+        expired = set(result["expired"])
+        # An expiry whose answer timed out but which committed later left
+        # nothing for this one to remove: it is still this node's expiry.
+        late = [n for n in due if n not in expired and n in self._expiry_unknown
+                and not self.state.has_node(n)]
+        self._expiry_unknown.difference_update(due)
+        for node_id in [*result["expired"], *late]:
             log.error("node expired", extra={"node_id": node_id, "ttl": self.ttl})
 
     async def _checkpoint_replicated(self) -> None:
@@ -677,14 +716,15 @@ class RegistryActor(Actor):
             scores = self.reputation.take_dirty()
             if scores:
                 await self._propose_local(_set_scores(scores))
-            dirty = self.leases.take_dirty()
-            for i in range(0, len(dirty), CHECKPOINT_CHUNK):
+            ids = self.leases.dirty_ids()  # chunk by chunk, as in _checkpoint
+            for i in range(0, len(ids), CHECKPOINT_CHUNK):
+                chunk = self.leases.take_dirty(ids[i:i + CHECKPOINT_CHUNK])
+                if not chunk:
+                    continue
                 try:
-                    await self._propose_local(_checkpoint_leases(dirty[i:i + CHECKPOINT_CHUNK]))
+                    await self._propose_local(_checkpoint_leases(chunk))
                 except BaseException:
-                    for n, _, _ in dirty[i:]:  # retried at the next checkpoint
-                        if n in self.leases:
-                            self.leases._dirty.add(n)
+                    self.leases.mark_dirty(n for n, _, _ in chunk)  # at the next checkpoint
                     raise
         except (Refused, ActorError) as exc:
             log.warning("lease checkpoint not committed", extra={"error": str(exc)})

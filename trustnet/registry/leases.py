@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import sys
 from collections import defaultdict
+from collections.abc import Iterable
 from typing import Callable
 
 import orjson
@@ -105,11 +106,24 @@ class LeaseTable:
             due.extend(n for n in ids if self._deadline[n] <= now)
         return sorted(due)
 
-    def take_dirty(self) -> list[tuple[str, float, float]]:
-        """(node_id, deadline, last_renewal) of leases changed since the last call."""
-        out = [(n, self._deadline[n], self._last_renewal[n]) for n in sorted(self._dirty)]
-        self._dirty.clear()
-        return out
+    def dirty_ids(self) -> list[str]:
+        """The leases changed since they were last taken, in id order."""
+        return sorted(self._dirty)
+
+    def take_dirty(self, ids: Iterable[str] | None = None) -> list[tuple[str, float, float]]:
+        """(node_id, deadline, last_renewal), as they are now, of the leases
+        changed since they were last taken: all, or those of `ids` that
+        still are (a checkpoint writing `dirty_ids()` in chunks takes each
+        chunk just before writing it, so it never writes a value older than
+        one stored meanwhile)."""
+        taken = sorted(self._dirty) if ids is None else [n for n in ids if n in self._dirty]
+        self._dirty.difference_update(taken)
+        return [(n, self._deadline[n], self._last_renewal[n]) for n in taken]
+
+    def mark_dirty(self, node_ids: Iterable[str]) -> None:
+        """Write these again at the next checkpoint (a chunk that failed); ids
+        that hold no lease any more are skipped."""
+        self._dirty.update(n for n in node_ids if n in self._deadline)
 
     def _bucket_of(self, deadline: float) -> set[str]:
         return self._buckets.get(_slot(deadline), set())

@@ -32,6 +32,9 @@ class NodeOrder:
     def __len__(self) -> int:
         return len(self._all)
 
+    def __contains__(self, node_id: object) -> bool:
+        return node_id in self._domain_of
+
     def place(self, node_id: str, domain_id: str | None) -> None:
         """Node `node_id` is now in domain `domain_id`, or gone (None)."""
         old = self._domain_of.get(node_id)

@@ -711,6 +711,11 @@ class RegistryState:
     def node_count(self) -> int:
         return self._scalar("SELECT count(*) FROM nodes", [])
 
+    def has_node(self, node_id: str) -> bool:
+        """Whether a row for `node_id` exists (from memory: the page order,
+        which every applied batch keeps exact; one dict lookup, no lock)."""
+        return node_id in self._order
+
     @_serialized
     def state_hash(self) -> str:
         """sha256 over every row of domains, nodes and peers in key order.
