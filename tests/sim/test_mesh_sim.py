@@ -121,6 +121,7 @@ class Cluster:
         self.identities = {name: NodeIdentity.generate() for name in self.names}
         self.exits: dict[str, int] = {}
         self.registry = FakeRegistry(seed)
+        self.fallbacks: tuple[str, ...] = ()  # more registry replicas, tried in turn
 
     async def start(self, nursery: trio.Nursery) -> None:
         async def registry_main(transport: SimTransport) -> None:
@@ -143,7 +144,8 @@ class Cluster:
         async def main(transport: SimTransport) -> None:
             system = ActorSystem(transport=transport)
             params = NodeParams(node_id=name, ipv6=str(ula_for(name)), port=9000,
-                                registry_address=REGISTRY, heartbeat_interval=5.0,
+                                registry_address=REGISTRY, registry_fallbacks=self.fallbacks,
+                                heartbeat_interval=5.0,
                                 startup_timeout=10.0, unreachable_timeout=30.0,
                                 request_timeout=2.0, max_connections=self.max_connections,
                                 peer_timeout=6.0, rotate_interval=self.rotate_interval,
@@ -405,9 +407,12 @@ async def test_unproven_handshakes_do_not_hold_link_slots(seeded, autojump_clock
         await cluster.net.start_system(nursery, squatter, squat)
         await trio.sleep(120.0)
         mesh = cluster.mesh(victim)
-        assert mesh.pending_in  # the squatter's handshakes are there...
-        # ...and hold no slot: with a link short, the node still sees room and
-        # dials (before, they counted, and it sat below its links)
+        # A hello must now come from the address the registry lists for its
+        # name, so the squatter's are refused at once (wrong_address) and none
+        # is pending; and (as when they were pending) they hold no slot: with
+        # a link short, the node still sees room and dials (before, they
+        # counted, and it sat below its links)
+        assert not mesh.pending_in
         assert len(mesh.links) == cluster.max_connections or \
             mesh.occupied < cluster.max_connections, (sorted(mesh.links), sorted(mesh.pending_in))
         assert lost not in mesh.links
@@ -563,3 +568,109 @@ async def test_two_openings_of_one_link_file_the_actor_that_runs(seeded, autojum
             both.start_soon(mesh._open_link, peer, address, "in")
         running = mesh.links_sup.child(link_name(peer))
         assert running is not None and mesh.links[peer].serial == running.serial
+
+
+# ------------------------------------------------- found by a review (session 9)
+
+
+REGISTRY2 = "ws://[fd10:1234:ffff::2]:8001"
+
+
+class CutOffReplica(Actor):
+    """A registry replica that forwards to the leader's (REGISTRY2) until it
+    is cut off from the majority; then it answers as a follower without a
+    leader does: Refused("no_leader")."""
+
+    cut = False
+
+    async def receive(self, msg):
+        if self.cut:
+            raise Refused("no_leader", "no leader took the heartbeat in time")
+        return await self.system.ref("registry", REGISTRY2).ask(msg, timeout=1.5)
+
+
+async def test_a_node_whose_replica_has_no_leader_moves_to_another(seeded, autojump_clock):
+    """Only a replica that did not answer used to be left: one that answered
+    no_leader kept the nodes until they exited 1 at unreachable_timeout, and
+    as every node lists the replicas in the same order, one partition took
+    them all down."""
+    cluster = Cluster(seed=1, n=2, max_connections=1)
+    cluster.fallbacks = (REGISTRY2,)
+    first = CutOffReplica()
+
+    async def serve(registry: Actor):
+        async def main(transport: SimTransport) -> None:
+            system = ActorSystem(transport=transport)
+            async with trio.open_nursery() as inner:
+                await inner.start(system.serve)
+                await system.spawn(inner, registry, "registry")
+        return main
+
+    async with trio.open_nursery() as nursery:
+        await cluster.net.start_process(nursery, REGISTRY2, await serve(cluster.registry))
+        await cluster.net.start_process(nursery, REGISTRY, await serve(first))
+        for name in cluster.names:
+            await cluster.start_node(nursery, name)
+        await settle(cluster, cluster.names, limit=30)
+        first.cut = True
+        await trio.sleep(60)  # two unreachable_timeouts
+        assert not cluster.exits, cluster.exits
+        assert {c.registry_address for c in cluster.contexts.values()} == {REGISTRY2}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_hello_with_a_bad_address_is_refused_and_the_mesh_lives_on(nursery):
+    """Real websockets on [::1], the real clock. A registered name that proves
+    its key but gives a LinkHello address that is no address used to crash
+    the node's MeshActor at its proof (every link dropped); two dozen such
+    handshakes ended the node. Now the hello is refused: the link goes to
+    the address the registry lists, and the hello must come from it."""
+    from actors.ws import WebsocketTransport
+    from trustnet.node.handshake import new_challenge, sign_challenge
+    from trustnet.node.messages import LinkHello, LinkProof
+
+    registry = FakeRegistry(1)
+    reg_sys = ActorSystem(transport=WebsocketTransport("::1", 0, advertise="::1"))
+    await nursery.start(reg_sys.serve)
+    await reg_sys.spawn(nursery, registry, "registry")
+    victim_sys = ActorSystem(transport=WebsocketTransport("::1", 0, advertise="::1"))
+    await nursery.start(victim_sys.serve)
+    port = int(victim_sys.address.rsplit(":", 1)[1])
+    ctx = NodeContext(NodeParams(node_id="victim", ipv6="::1", port=port,
+                                 registry_address=reg_sys.address, heartbeat_interval=5.0,
+                                 request_timeout=2.0, max_connections=3, peer_timeout=6.0),
+                      NodeIdentity.generate(), victim_sys)
+    exits: list[int] = []
+
+    async def run_victim() -> None:
+        exits.append(await run_node(ctx))
+
+    nursery.start_soon(run_victim)
+    mallory_sys = ActorSystem(transport=WebsocketTransport("::1", 0, advertise="::1"))
+    await nursery.start(mallory_sys.serve)
+    me = NodeIdentity.generate()
+    body = {"ipv6": "::1", "port": int(mallory_sys.address.rsplit(":", 1)[1]),
+            "domain": "default", "public_key": me.public_key}
+    await mallory_sys.ref("registry", reg_sys.address).ask(
+        SignedRegister(orjson.dumps(me.statement("register", "mallory", body)).decode()))
+    with trio.fail_after(20):
+        while "mesh" not in ctx.actors:
+            await trio.sleep(0.05)
+    mesh = ctx.actors["mesh"]
+    remote = mallory_sys.ref("mesh", victim_sys.address)
+    rng = random.Random(0)
+    for address in ("not an address", "ws://[::1]:1"):
+        for _ in range(3):
+            with pytest.raises(Refused) as info:
+                challenge = await remote.ask(LinkHello("mallory", address, "victim",
+                                                       new_challenge(rng), links=1), timeout=5)
+                proof = sign_challenge(me, challenge.challenge, "mallory", "mallory", "victim")
+                await remote.ask(LinkProof("mallory", "victim", proof), timeout=5)
+            assert info.value.code in ("invalid", "wrong_address"), info.value
+    assert ctx.actors["mesh"] is mesh and not exits  # the same mesh, the node running
+    # and the name's real address still links
+    challenge = await remote.ask(LinkHello("mallory", mallory_sys.address, "victim",
+                                           new_challenge(rng), links=1), timeout=5)
+    assert await remote.ask(LinkProof("mallory", "victim", sign_challenge(
+        me, challenge.challenge, "mallory", "mallory", "victim")), timeout=5) == {"ok": True}
+    assert mesh.links["mallory"].address == mallory_sys.address

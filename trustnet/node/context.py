@@ -108,8 +108,9 @@ class NodeContext:
         return self.system.ref(REGISTRY_ACTOR, self.registry_address)
 
     def next_registry(self, error: str) -> None:
-        """The current registry replica did not answer: use the next one
-        (any replica serves a node: it forwards to the leader)."""
+        """The current registry replica did not answer, or cannot serve us
+        now (no leader where it is): use the next one (any replica serves a
+        node: it forwards to the leader)."""
         addresses = self.registry_addresses
         if len(addresses) < 2:
             return

@@ -39,6 +39,9 @@ from .messages import HeartbeatStatus, ReportLinks
 log = logging.getLogger("trustnet.node.heartbeat")
 
 FATAL_REFUSALS = ("name_taken", "bad_statement", "ipv6_taken", "invalid")
+# What a replica answers when it cannot serve us now (cut off from a
+# majority, no leader, a leader change under way): another replica may.
+REPLICA_REFUSALS = ("no_leader", "not_leader", "commit_unknown", "not_committed", "unavailable")
 SESSION_REFUSALS = ("no_session", "bad_session")
 
 
@@ -156,6 +159,8 @@ class HeartbeatActor(Actor):
             except Refused as exc:
                 self._refused_fatally(exc)
                 error = f"{exc.code}: {exc.message}"
+                if exc.code in REPLICA_REFUSALS:
+                    self.node.next_registry(error)
             except ActorError as exc:
                 error = f"{type(exc).__name__}: {exc}"
                 self.node.next_registry(error)
@@ -198,6 +203,8 @@ class HeartbeatActor(Actor):
                 else:
                     self._refused_fatally(exc)
                     delay = self._missed(f"{exc.code}: {exc.message}")
+                    if exc.code in REPLICA_REFUSALS:
+                        self.node.next_registry(f"{exc.code}: {exc.message}")
             except ActorError as exc:
                 delay = self._missed(f"{type(exc).__name__}: {exc}")
                 self.node.next_registry(f"{type(exc).__name__}: {exc}")

@@ -193,6 +193,12 @@ class MeshActor(Actor):
             letter.fail(exc)
         except ActorError as exc:
             letter.fail(Refused("unavailable", str(exc)))
+        except Exception as exc:  # noqa: BLE001
+            # What another node sent must not crash the mesh (each crash
+            # drops every link, and a few in a row end the node): a bug
+            # here is logged and answered, not a way to take nodes down.
+            log.exception("mesh request failed", extra={"type": type(letter.msg).__name__})
+            letter.fail(Refused("internal_error", f"{type(exc).__name__}: {exc}"))
         else:
             letter.answer(result)
 
@@ -393,9 +399,19 @@ class MeshActor(Actor):
         known = await self._lookup(peer)
         if known is None or not known.get("public_key"):
             raise Refused("unknown_peer", f"the registry lists no key for {peer!r}")
+        # The link goes to the address the registry lists for the name, and
+        # the hello must come from it: not wherever the hello says.
+        try:
+            claimed = self.node.system.transport.link_address(hello.address)
+            listed = self.node.system.transport.link_address(known["address"])
+        except ValueError as exc:
+            raise Refused("invalid", f"hello address {hello.address!r}: {exc}") from None
+        if claimed != listed:
+            raise Refused("wrong_address", f"the registry lists {peer!r} at {listed}, "
+                                           f"not {hello.address!r}")
         make_room = self._check_room(peer, isolated)
         challenge = new_challenge(self.challenges)
-        self.pending_in[peer] = PendingIn(challenge, known["public_key"], hello.address,
+        self.pending_in[peer] = PendingIn(challenge, known["public_key"], known["address"],
                                           trio.current_time(), make_room)
         signature = sign_challenge(self.node.identity, hello.challenge, self.me, peer, self.me)
         return LinkChallenge(self.me, signature, challenge)
