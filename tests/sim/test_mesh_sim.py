@@ -674,3 +674,30 @@ async def test_a_hello_with_a_bad_address_is_refused_and_the_mesh_lives_on(nurse
     assert await remote.ask(LinkProof("mallory", "victim", sign_challenge(
         me, challenge.challenge, "mallory", "mallory", "victim")), timeout=5) == {"ok": True}
     assert mesh.links["mallory"].address == mallory_sys.address
+
+
+async def test_two_proofs_at_once_do_not_take_a_node_over_its_links(seeded, autojump_clock):
+    """V has one free slot; X and Y dial it at the same instant. Both proofs
+    used to pass the room check before either link was filed, and V stayed
+    at max_connections + 1."""
+    cluster = Cluster(seed=3, n=8, max_connections=3, rotate_interval=3600.0)
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery)
+        await settle(cluster, list(cluster.names), limit=120)
+        await trio.sleep(30.0)
+        m = cluster.mesh
+        v = next(n for n in cluster.names if len(m(n).links) == 3)
+        x, y = [n for n in cluster.names if n != v and v not in m(n).links][:2]
+        await m(v)._close(sorted(m(v).links)[0], "rotated", notify=True)  # one slot free
+        for node in (x, y):  # room on their side to dial
+            if len(m(node).links) >= 3:
+                await m(node)._close(sorted(p for p in m(node).links if p != v)[0], "rotated",
+                                     notify=True)
+        await trio.sleep(0.01)
+        for node in (x, y):
+            m(node).dialing[v] = trio.current_time()
+            nursery.start_soon(m(node)._dial_task, v)
+        for _ in range(60):
+            await trio.sleep(0.5)
+            assert len(m(v).links) <= 3, sorted(m(v).links)
+        nursery.cancel_scope.cancel()

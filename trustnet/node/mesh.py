@@ -121,6 +121,9 @@ class MeshActor(Actor):
         self.opened = 0  # links opened so far: the next link's serial
         self.dialing: dict[str, float] = {}
         self.pending_in: dict[str, PendingIn] = {}
+        # Proved inbound links being filed: they hold their slot from the
+        # room check on, so two proofs at once cannot both take the last one.
+        self.accepting: set[str] = set()
         self.backoff: dict[str, tuple[int, float]] = {}  # peer -> (failures, not before)
         self.known: dict[str, dict[str, Any]] = {}  # peer -> {"address", "public_key"}
         self.seen = SeenSet()
@@ -146,10 +149,11 @@ class MeshActor(Actor):
 
     @property
     def occupied(self) -> int:
-        """Links open or being dialled. Inbound handshakes are not counted
-        (anyone can start one with a registered name and never prove it):
-        they are bounded apart, and room is checked again at their proof."""
-        return len(self.links.keys() | self.dialing.keys())
+        """Links open, being dialled, or proved and being filed. Inbound
+        handshakes are not counted until proved (anyone can start one with a
+        registered name and never prove it): they are bounded apart, and room
+        is checked again at their proof."""
+        return len(self.links.keys() | self.dialing.keys() | self.accepting)
 
     # ------------------------------------------------------------ letters
 
@@ -474,9 +478,11 @@ class MeshActor(Actor):
                 and self.occupied - (peer in self.dialing) >= self.p.max_connections):
             self.pending_in.pop(peer, None)  # the room went to others meanwhile
             raise Refused("full", f"{self.me!r} has {self.p.max_connections} links already")
+        self.accepting.add(peer)
         try:
             await self._open_link(peer, pending.address, "in")
         finally:
+            self.accepting.discard(peer)
             if self.pending_in.get(peer) is pending:
                 del self.pending_in[peer]
         if pending.make_room:
