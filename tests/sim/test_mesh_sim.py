@@ -701,3 +701,45 @@ async def test_two_proofs_at_once_do_not_take_a_node_over_its_links(seeded, auto
             await trio.sleep(0.5)
             assert len(m(v).links) <= 3, sorted(m(v).links)
         nursery.cancel_scope.cancel()
+
+
+def _reported_links(reports: list[tuple[str, str, str]]) -> set[tuple[str, str]]:
+    """The registry's peers table as the link reports (AddPeer/RemovePeer) leave it."""
+    rows: set[tuple[str, str]] = set()
+    for node, peer, state in reports:
+        pair = (min(node, peer), max(node, peer))
+        if state == "open":
+            rows.add(pair)
+        elif state == "closed":
+            rows.discard(pair)
+    return rows
+
+
+async def test_a_link_closed_while_the_registry_is_away_leaves_its_table(seeded, autojump_clock):
+    """A link report was sent once: a close while the registry was away for
+    a few seconds (a restart, an election) stayed in its peers table for
+    good. Undelivered reports are sent again (the latest state per peer)."""
+    cluster = Cluster(seed=2, n=8, max_connections=3, rotate_interval=3600.0)
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery)
+        names = list(cluster.names)
+        await settle(cluster, names, limit=120)
+        await trio.sleep(20)
+
+        def linked() -> set[tuple[str, str]]:
+            return {(min(n, p), max(n, p)) for n in names for p in cluster.mesh(n).links}
+
+        assert _reported_links(cluster.registry.reports) == linked()
+        cluster.net.isolate(REGISTRY)  # away for 6 s, well within unreachable_timeout
+        await trio.sleep(0.5)
+        a = "n00"
+        b = sorted(cluster.mesh(a).links)[0]
+        await cluster.mesh(a)._close(b, "rotated", notify=True)
+        cluster.mesh(a).backoff[b] = (0, trio.current_time() + 3600)  # no redial either way
+        cluster.mesh(b).backoff[a] = (0, trio.current_time() + 3600)
+        await trio.sleep(5.5)
+        cluster.net.heal()
+        await trio.sleep(60)
+        assert _reported_links(cluster.registry.reports) == linked()
+        assert not any(cluster.mesh(n).unreported for n in names)
+        nursery.cancel_scope.cancel()

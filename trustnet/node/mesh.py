@@ -69,6 +69,9 @@ from .peerlink import PeerLinkActor, link_name
 log = logging.getLogger("trustnet.node.mesh")
 
 MESH_ACTOR = "mesh"
+# Refusals of a link report that may go differently later: sent again.
+REPORT_AGAIN = frozenset({"no_leader", "not_leader", "commit_unknown", "not_committed",
+                          "unavailable"})
 HANDSHAKE_TIMEOUT = 10.0
 KNOWN_LIMIT = 1024  # peers' addresses and keys kept from the registry's answers
 EVENTS_LIMIT = 1000
@@ -121,6 +124,7 @@ class MeshActor(Actor):
         self.opened = 0  # links opened so far: the next link's serial
         self.dialing: dict[str, float] = {}
         self.pending_in: dict[str, PendingIn] = {}
+        self.unreported: dict[str, str] = {}  # peer -> link state the registry has not taken
         # Proved inbound links being filed: they hold their slot from the
         # room check on, so two proofs at once cannot both take the last one.
         self.accepting: set[str] = set()
@@ -261,6 +265,7 @@ class MeshActor(Actor):
             await trio.sleep(self.p.maintain_every * self.rng.uniform(0.8, 1.2))
 
     async def _maintain(self) -> None:
+        self._report_again()
         now = trio.current_time()
         for peer in [p for p, pend in self.pending_in.items() if now - pend.since > HANDSHAKE_TIMEOUT]:
             del self.pending_in[peer]
@@ -552,17 +557,41 @@ class MeshActor(Actor):
             return False
 
     def _report(self, peer: str, state: str, rtt: float | None = None) -> None:
+        """Tell the registry (its peers table) that a link opened, closed or
+        failed. An open or close that does not get through (the registry
+        unreachable, no leader) is sent again at the next maintenance round,
+        the latest state per peer only, until it does: else the table keeps
+        links that are gone (or misses ones that are up) for good."""
         body = {"peer": peer, "state": state,
                 "rtt_ms": None if rtt is None else round(rtt * 1000, 3)}
         stmt = orjson.dumps(self.node.identity.statement("link", self.me, body)).decode()
+        if state in ("open", "closed"):
+            self.unreported.pop(peer, None)  # re-inserted last: the oldest go first
+            self.unreported[peer] = state  # until the registry took it (or a newer one)
+            while len(self.unreported) > KNOWN_LIMIT:
+                del self.unreported[next(iter(self.unreported))]
 
         async def send() -> None:
             try:
                 await self.node.registry.ask(LinkReport(stmt), timeout=self.p.request_timeout)
+            except Refused as exc:
+                if exc.code not in REPORT_AGAIN:
+                    self._reported(peer, state)  # taken, or never will be: do not insist
+                log.debug("link report refused", extra={"peer": peer, "code": exc.code})
             except ActorError as exc:
                 log.debug("link report not delivered", extra={"peer": peer, "error": str(exc)})
+            else:
+                self._reported(peer, state)
 
         self.nursery.start_soon(send)
+
+    def _reported(self, peer: str, state: str) -> None:
+        if self.unreported.get(peer) == state:
+            del self.unreported[peer]
+
+    def _report_again(self) -> None:
+        for peer, state in sorted(self.unreported.items()):
+            self._report(peer, state)
 
     # ------------------------------------------------------------ messages
 
