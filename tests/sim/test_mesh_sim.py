@@ -743,3 +743,41 @@ async def test_a_link_closed_while_the_registry_is_away_leaves_its_table(seeded,
         assert _reported_links(cluster.registry.reports) == linked()
         assert not any(cluster.mesh(n).unreported for n in names)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_direct_message_sent_while_the_link_is_being_proved_arrives(
+        seeded, autojump_clock):
+    """The dialler files its link before it sends its proof and may send over
+    it at once; the acceptor files it once it has handled the proof (in a
+    helper task). A Direct right behind the proof used to be taken by the
+    mailbox loop first and dropped, though Send had answered route "link"."""
+    from trustnet.node.messages import Send
+
+    cluster = Cluster(seed=3, n=2, max_connections=1)
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery)
+        await settle(cluster, cluster.names, limit=60)
+        a, b = "n00", "n01"
+        ma, mb = cluster.mesh(a), cluster.mesh(b)
+        await ma._close(b, "test", notify=True)  # room, and no redial for a while
+        now = trio.current_time()
+        ma.backoff[b] = mb.backoff[a] = (0, now + 30)
+        await trio.sleep(1.0)
+        assert not ma.links and not mb.links
+        mesh_a = cluster.contexts[a].system.ref("mesh")
+        answers: list[dict] = []
+        report = ma._report
+
+        def send_when_filed(peer: str, state: str, rtt: float | None = None) -> None:
+            report(peer, state, rtt)
+            if peer == b and state == "open" and not answers:  # A's link is filed, its proof on its way
+                async def send() -> None:
+                    answers.append(await mesh_a.ask(Send(b, '"sent during the handshake"')))
+                ma.nursery.start_soon(send)
+
+        ma._report = send_when_filed
+        await mesh_a.ask(Send(b, '"opens the link"'))
+        await trio.sleep(2.0)
+        assert answers and answers[0]["route"] == "link"
+        assert "sent during the handshake" in [m["payload"] for m in mb.inbox.since(0, 100)]
+        nursery.cancel_scope.cancel()

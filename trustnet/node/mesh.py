@@ -77,6 +77,13 @@ KNOWN_LIMIT = 1024  # peers' addresses and keys kept from the registry's answers
 EVENTS_LIMIT = 1000
 
 
+def _named_peer(msg: Flood | Direct | LinkClose) -> str:
+    """The peer whose link a mesh message must come over: a flood's `via`, a
+    close's sender, a direct message's origin."""
+    return (msg.via if isinstance(msg, Flood) else
+            msg.node_id if isinstance(msg, LinkClose) else msg.origin)
+
+
 def forget_old_backoffs(backoff: dict[str, tuple[int, float]], now: float,
                         horizon: float) -> None:
     """Drop the backoff of peers whose wait ended more than `horizon` ago:
@@ -125,6 +132,7 @@ class MeshActor(Actor):
         self.dialing: dict[str, float] = {}
         self.pending_in: dict[str, PendingIn] = {}
         self.unreported: dict[str, str] = {}  # peer -> link state the registry has not taken
+        self.proving: dict[str, trio.Event] = {}  # peers whose LinkProof is being handled
         # Proved inbound links being filed: they hold their slot from the
         # room check on, so two proofs at once cannot both take the last one.
         self.accepting: set[str] = set()
@@ -163,10 +171,21 @@ class MeshActor(Actor):
 
     async def handle(self, letter: Letter) -> None:
         if isinstance(letter.msg, (Flood, Direct, LinkClose)) and not self._came_from_link(letter):
-            return
+            # The peer's proof may be ahead of it in the mailbox, its link
+            # not filed yet (the dialler files its link first and may send
+            # over it at once): wait for that proof, then look again.
+            proving = self.proving.get(_named_peer(letter.msg))
+            if proving is None:
+                return
+            with trio.move_on_after(self.p.request_timeout):
+                await proving.wait()
+            if not self._came_from_link(letter):
+                return
         # These wait on other actors: answer them from a helper task so the
         # mailbox keeps moving (pings, floods) meanwhile.
         if isinstance(letter.msg, (LinkHello, LinkProof, Send)):
+            if isinstance(letter.msg, LinkProof):
+                self.proving.setdefault(letter.msg.node_id, trio.Event())
             self.nursery.start_soon(self._answer_later, letter)
             return
         await super().handle(letter)
@@ -178,8 +197,7 @@ class MeshActor(Actor):
         (else anyone could pass theirs for a linked peer's, or close our
         links)."""
         msg = letter.msg
-        peer = (msg.via if isinstance(msg, Flood) else
-                msg.node_id if isinstance(msg, LinkClose) else msg.origin)
+        peer = _named_peer(msg)
         info = self.links.get(peer)
         if info is not None and letter.sender in (None, info.link):
             return True
@@ -189,6 +207,15 @@ class MeshActor(Actor):
         return False
 
     async def _answer_later(self, letter: Letter) -> None:
+        msg = letter.msg
+        try:
+            await self._answer_now(letter)
+        finally:
+            proving = self.proving.pop(msg.node_id, None) if isinstance(msg, LinkProof) else None
+            if proving is not None:
+                proving.set()  # the messages that came behind it may go on
+
+    async def _answer_now(self, letter: Letter) -> None:
         try:
             msg = letter.msg
             if isinstance(msg, LinkHello):
