@@ -781,3 +781,78 @@ async def test_a_direct_message_sent_while_the_link_is_being_proved_arrives(
         assert answers and answers[0]["route"] == "link"
         assert "sent during the handshake" in [m["payload"] for m in mb.inbox.since(0, 100)]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_burst_of_hellos_is_bounded_while_they_wait_for_the_registry(
+        seeded, autojump_clock):
+    """No key is needed to send a hello, only a registered name. The bound on
+    handshakes under way was checked before the registry lookup, not
+    counting the hellos waiting for it: a burst all passed, each costing
+    the registry a lookup."""
+    from actors import ActorError
+    from trustnet.node.messages import LinkHello
+
+    cluster = Cluster(seed=3, n=24, max_connections=3)
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery)
+        victim = "n00"
+        while "mesh" not in cluster.contexts[victim].actors:
+            await trio.sleep(0.001)
+        mesh = cluster.mesh(victim)
+        real, flight = mesh._lookup, {"now": 0, "max": 0, "hellos": 0}
+
+        async def lookup(peer: str):
+            flight["now"] += 1
+            flight["max"] = max(flight["max"], flight["now"])
+            try:
+                return await real(peer)
+            finally:
+                flight["now"] -= 1
+
+        mesh._lookup = lookup
+        squatter = format_address("fd10:1234::66", 9000)
+
+        async def squat(system: ActorSystem) -> None:
+            remote = system.ref("mesh", address_of(victim))
+
+            async def one(name: str) -> None:
+                with contextlib.suppress(ActorError):
+                    await remote.ask(LinkHello(name, squatter, victim, "00" * 16, links=1),
+                                     timeout=2.0)
+                flight["hellos"] += 1
+
+            async with trio.open_nursery() as burst:
+                for name in cluster.names[1:]:
+                    burst.start_soon(one, name)
+
+        await cluster.net.start_system(nursery, squatter, squat)
+        await trio.sleep(3.0)
+        assert flight["hellos"] == len(cluster.names) - 1
+        # its own dials look up peers too: at most max_connections of those
+        assert flight["max"] <= 2 * cluster.max_connections, flight
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_restarted_mesh_keeps_its_inbox_and_the_floods_it_has_seen(
+        seeded, autojump_clock):
+    """Both lived in the MeshActor: a restart numbered received messages from
+    1 again (a client reading /messages?since=N missed the next N) and
+    delivered floods still in flight a second time."""
+    cluster = Cluster(seed=5, n=4, max_connections=3)
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery)
+        await settle(cluster, cluster.names, limit=60)
+        await broadcast_reaches_all(cluster, "n01", cluster.names)
+        mesh = cluster.mesh("n00")
+        last, seen = mesh.inbox.last_seq, len(mesh.seen)
+        assert last >= 1
+
+        async def crash() -> None:
+            raise RuntimeError("a crash, for the test")
+
+        mesh._maintain = crash  # its next round crashes it; its supervisor restarts it
+        with trio.fail_after(60):
+            while cluster.mesh("n00") is mesh:
+                await trio.sleep(0.1)
+        assert cluster.mesh("n00").inbox.last_seq == last and len(cluster.mesh("n00").seen) >= seen
+        nursery.cancel_scope.cancel()

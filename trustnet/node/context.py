@@ -90,6 +90,9 @@ class NodeContext:
     # The current instance of each named actor (set in on_start): introspection, tests.
     actors: dict[str, Any] = attrs.field(factory=dict)
     registry_index: int = 0  # which of the registry's addresses is in use
+    # What outlives a restart of the actor that keeps it (the mesh's inbox and
+    # seen floods): name -> object.
+    kept: dict[str, Any] = attrs.field(factory=dict)
 
     @property
     def node_id(self) -> str:

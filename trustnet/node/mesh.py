@@ -136,10 +136,14 @@ class MeshActor(Actor):
         # Proved inbound links being filed: they hold their slot from the
         # room check on, so two proofs at once cannot both take the last one.
         self.accepting: set[str] = set()
+        self.hellos_looking_up = 0  # hellos waiting for the registry's answer
         self.backoff: dict[str, tuple[int, float]] = {}  # peer -> (failures, not before)
         self.known: dict[str, dict[str, Any]] = {}  # peer -> {"address", "public_key"}
-        self.seen = SeenSet()
-        self.inbox = Inbox(inbox_size)
+        # Kept by the node, not by this instance: a restarted mesh must not
+        # deliver floods still in flight again, nor number received messages
+        # from 1 again (a client reading /messages?since=N would miss them).
+        self.seen = node.kept.setdefault("mesh.seen", SeenSet())
+        self.inbox = node.kept.setdefault("mesh.inbox", Inbox(inbox_size))
         self.hops = hops
         self.rng = node.rng("mesh")
         self.challenges = node.rng("challenge")
@@ -427,12 +431,18 @@ class MeshActor(Actor):
             raise Refused("invalid", "a node does not link to itself")
         if peer in self.dialing and self.me < peer:
             raise Refused("dial_race", f"{self.me!r} is dialling {peer!r}")
-        if peer not in self.pending_in and len(self.pending_in) >= self.p.max_connections:
-            raise Refused("busy", f"{self.me!r} has {len(self.pending_in)} link handshakes "
-                                  "under way")
+        # Hellos waiting on the registry's answer count too, or a burst would
+        # all pass this check before any of them is pending.
+        under_way = len(self.pending_in) + self.hellos_looking_up
+        if peer not in self.pending_in and under_way >= self.p.max_connections:
+            raise Refused("busy", f"{self.me!r} has {under_way} link handshakes under way")
         isolated = hello.links == 0
         self._check_room(peer, isolated)
-        known = await self._lookup(peer)
+        self.hellos_looking_up += 1
+        try:
+            known = await self._lookup(peer)
+        finally:
+            self.hellos_looking_up -= 1
         if known is None or not known.get("public_key"):
             raise Refused("unknown_peer", f"the registry lists no key for {peer!r}")
         # The link goes to the address the registry lists for the name, and
