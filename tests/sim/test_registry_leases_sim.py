@@ -334,3 +334,29 @@ async def test_a_refused_session_opening_leaves_no_session(tmp_path, autojump_cl
         assert len(actor.sessions) == 0
         nursery.cancel_scope.cancel()
     state.close()
+
+
+async def test_leases_get_back_the_time_the_registry_stood_still(tmp_path, autojump_clock, caplog):
+    """A process or VM pause longer than the TTL: when it resumes, the
+    heartbeats of that time are still queued in its sockets, and the first
+    sweep used to expire every node before reading them."""
+    caplog.set_level(logging.INFO, logger="trustnet.registry")
+    state = RegistryState.open(str(tmp_path / "r.db"))
+    system = ActorSystem()
+    actor = RegistryActor(state, ttl=30.0, checkpoint_interval=10.0, sweep_interval=1.0,
+                          clock=_Clock())
+    async with trio.open_nursery() as nursery:
+        await system.spawn(nursery, actor, "registry", mailbox_size=1000)
+        ref = system.ref("registry")
+        await ref.ask(m.Register(node_id="n1", ipv6="fd10::1", port=7000))
+        await trio.sleep(5.0)
+        before = actor.leases.deadline("n1")
+        autojump_clock.jump(100.0)  # the whole process stood still for 100 s
+        await trio.sleep(2.0)
+        assert "n1" in actor.leases and actor.leases.deadline("n1") >= before + 99.0
+        assert not [r for r in caplog.records if r.getMessage() == "node expired"]
+        await ref.ask(m.Heartbeat("n1"))  # what was queued is then served
+        await trio.sleep(60.0)  # and a node that stays silent still expires
+        assert [r.node_id for r in caplog.records if r.getMessage() == "node expired"] == ["n1"]
+        nursery.cancel_scope.cancel()
+    state.close()

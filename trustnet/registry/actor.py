@@ -65,6 +65,8 @@ LINK_STATES = ("open", "closed", "failed")
 LEASE_MESSAGES = (m.Heartbeat, np.SignedHeartbeat, m.LeaderHeartbeat, np.OpenSession,
                   np.SessionHeartbeat)
 MAX_BATCH = 512
+# A sweep this many seconds late means the process stood still (see _after_stall).
+STALL_GRACE_AFTER = 1.0
 CHECKPOINT_CHUNK = 250
 
 
@@ -414,12 +416,28 @@ class RegistryActor(Actor):
         return node
 
     async def _sweep_loop(self) -> None:
+        last = trio.current_time()
         while True:
             await trio.sleep(self.sweep_interval)
+            now = trio.current_time()
+            self._after_stall(now - last - self.sweep_interval)
+            last = now
             if self.consensus is not None:
                 await self._expire_replicated()
             else:
                 self.expire_due()
+
+    def _after_stall(self, stalled: float) -> None:
+        """The sweep woke `stalled` seconds late (monotonic time): the process
+        did not run (a VM or process pause, a blocked event loop), and the
+        heartbeats of that time are still queued in its sockets. Their
+        leases get that time back, or the first sweep would expire every
+        node that was only waiting to be heard."""
+        if stalled < STALL_GRACE_AFTER or not len(self.leases):
+            return
+        self.leases.extend(stalled)
+        log.warning("the registry did not run for a while; leases extended by as much",
+                    extra={"stalled_seconds": round(stalled, 3), "leases": len(self.leases)})
 
     def expire_due(self) -> list[str]:
         now = self.clock()

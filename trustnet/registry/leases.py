@@ -106,6 +106,16 @@ class LeaseTable:
             due.extend(n for n in ids if self._deadline[n] <= now)
         return sorted(due)
 
+    def extend(self, seconds: float) -> None:
+        """Move every deadline `seconds` later (the registry could not serve
+        heartbeats that long): O(n), for the rare stall, not per renewal."""
+        self._buckets.clear()
+        for node_id in self._deadline:
+            deadline = self._deadline[node_id] = self._deadline[node_id] + seconds
+            self._buckets[_slot(deadline)].add(node_id)
+            if self.on_change is not None:
+                self.on_change(node_id)
+
     def dirty_ids(self) -> list[str]:
         """The leases changed since they were last taken, in id order."""
         return sorted(self._dirty)
