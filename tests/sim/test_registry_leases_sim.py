@@ -7,6 +7,7 @@ the simulated network; the lone-registry cases run one RegistryActor.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 
@@ -273,17 +274,27 @@ class _Clock:
         return T0 + trio.current_time()
 
 
+@contextlib.asynccontextmanager
+async def lone_registry(tmp_path, clock=None):
+    """(actor, ref) of a lone RegistryActor (TTL 30 s) on a fresh database."""
+    state = RegistryState.open(str(tmp_path / "r.db"))
+    actor = RegistryActor(state, ttl=30.0, checkpoint_interval=10.0, sweep_interval=1.0,
+                          clock=clock or _Clock())
+    system = ActorSystem()
+    try:
+        async with trio.open_nursery() as nursery:
+            await system.spawn(nursery, actor, "registry", mailbox_size=1000)
+            yield actor, system.ref("registry")
+            nursery.cancel_scope.cancel()
+    finally:
+        state.close()
+
+
 async def test_a_checkpoint_does_not_rewind_a_registration_made_while_it_runs(
         tmp_path, autojump_clock):
     """Chunks of a checkpoint were all taken up front: a registration stored
     during the rest after chunk 1 was overwritten by chunk 2's older values."""
-    state = RegistryState.open(str(tmp_path / "r.db"))
-    system = ActorSystem()
-    actor = RegistryActor(state, ttl=30.0, checkpoint_interval=10.0, sweep_interval=1.0,
-                          clock=_Clock())
-    async with trio.open_nursery() as nursery:
-        await system.spawn(nursery, actor, "registry", mailbox_size=1000)
-        ref = system.ref("registry")
+    async with lone_registry(tmp_path) as (actor, ref):
         ids = [f"n{i:03d}" for i in range(300)]
         for i, n in enumerate(ids):
             await ref.ask(m.Register(node_id=n, ipv6=f"fd10::{i + 1:x}", port=7000))
@@ -303,26 +314,18 @@ async def test_a_checkpoint_does_not_rewind_a_registration_made_while_it_runs(
         actor._apply_soft = apply_soft
         await trio.sleep(8.0)  # the checkpoint at t=10 runs
         assert len(chunks) >= 1
-        stored, _last = state.lease_table()[target]
+        stored, _last = actor.state.lease_table()[target]
         assert stored == actor.leases.deadline(target)
-        nursery.cancel_scope.cancel()
-    state.close()
 
 
 async def test_a_refused_session_opening_leaves_no_session(tmp_path, autojump_clock):
-    state = RegistryState.open(str(tmp_path / "r.db"))
     clock = _Clock()
-    system = ActorSystem()
-    actor = RegistryActor(state, ttl=30.0, checkpoint_interval=10.0, sweep_interval=1.0,
-                          clock=clock)
     ident = NodeIdentity.generate()
 
     def stmt(purpose: str, body: dict) -> str:
         return orjson.dumps(ident.statement(purpose, "n1", body, now=clock())).decode()
 
-    async with trio.open_nursery() as nursery:
-        await system.spawn(nursery, actor, "registry", mailbox_size=1000)
-        ref = system.ref("registry")
+    async with lone_registry(tmp_path, clock) as (actor, ref):
         await ref.ask(np.SignedRegister(stmt("register", {
             "ipv6": "fd10::1", "port": 7000, "domain": "default",
             "public_key": ident.public_key})), timeout=5)
@@ -332,8 +335,6 @@ async def test_a_refused_session_opening_leaves_no_session(tmp_path, autojump_cl
             await ref.ask(np.OpenSession(stmt("session", {"share": share})), timeout=5)
         assert info.value.code == "not_found"
         assert len(actor.sessions) == 0
-        nursery.cancel_scope.cancel()
-    state.close()
 
 
 async def test_leases_get_back_the_time_the_registry_stood_still(tmp_path, autojump_clock, caplog):
@@ -341,13 +342,7 @@ async def test_leases_get_back_the_time_the_registry_stood_still(tmp_path, autoj
     heartbeats of that time are still queued in its sockets, and the first
     sweep used to expire every node before reading them."""
     caplog.set_level(logging.INFO, logger="trustnet.registry")
-    state = RegistryState.open(str(tmp_path / "r.db"))
-    system = ActorSystem()
-    actor = RegistryActor(state, ttl=30.0, checkpoint_interval=10.0, sweep_interval=1.0,
-                          clock=_Clock())
-    async with trio.open_nursery() as nursery:
-        await system.spawn(nursery, actor, "registry", mailbox_size=1000)
-        ref = system.ref("registry")
+    async with lone_registry(tmp_path) as (actor, ref):
         await ref.ask(m.Register(node_id="n1", ipv6="fd10::1", port=7000))
         await trio.sleep(5.0)
         before = actor.leases.deadline("n1")
@@ -358,5 +353,3 @@ async def test_leases_get_back_the_time_the_registry_stood_still(tmp_path, autoj
         await ref.ask(m.Heartbeat("n1"))  # what was queued is then served
         await trio.sleep(60.0)  # and a node that stays silent still expires
         assert [r.node_id for r in caplog.records if r.getMessage() == "node expired"] == ["n1"]
-        nursery.cancel_scope.cancel()
-    state.close()
