@@ -48,6 +48,7 @@ heartbeat sessions (the real SessionTable), leases, candidates."""
         self.sessions = SessionTable()
         self.rng = random.Random(seed)
         self.reports: list[tuple[str, str, str]] = []
+        self.order: list[str] | None = None
 
     def _check(self, text: str, purpose: str, key: str | None = None) -> tuple[str, dict]:
         stmt = orjson.loads(text)
@@ -98,6 +99,8 @@ heartbeat sessions (the real SessionTable), leases, candidates."""
             case Candidates(node_id, limit):
                 live = [n for n in sorted(self.nodes) if n != node_id and self._live(n)]
                 self.rng.shuffle(live)
+                if self.order is not None:  # a test's ranking (the real one: domain, reputation)
+                    live.sort(key=lambda n: self.order.index(n) if n in self.order else len(live))
                 return {"peers": [self.nodes[n] for n in live[:limit]]}
             case GetNode(node_id):
                 if node_id not in self.nodes:
@@ -856,3 +859,25 @@ async def test_a_restarted_mesh_keeps_its_inbox_and_the_floods_it_has_seen(
                 await trio.sleep(0.1)
         assert cluster.mesh("n00").inbox.last_seq == last and len(cluster.mesh("n00").seen) >= seen
         nursery.cancel_scope.cancel()
+
+
+async def test_a_node_dials_its_candidates_in_the_registrys_order(
+        seeded, autojump_clock, monkeypatch):
+    """The registry ranks candidates (same domain first, then by reputation);
+    nodes used to shuffle them, so reputation never decided whom they dialled."""
+    dials: dict[str, list[str]] = {}
+
+    async def record(self, peer: str) -> None:  # dial nothing: just note the choice
+        dials.setdefault(self.me, []).append(peer)
+        self.dialing.pop(peer, None)
+
+    monkeypatch.setattr(MeshActor, "_dial_task", record)
+    cluster = Cluster(seed=4, n=6, max_connections=2)
+    cluster.registry.order = ["n05", "n03", "n01", "n04", "n02", "n00"]
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery)
+        await trio.sleep(30.0)
+        nursery.cancel_scope.cancel()
+    for node, chosen in dials.items():
+        ranked = [n for n in cluster.registry.order if n != node]
+        assert set(chosen[:2]) == set(ranked[:2]), (node, chosen)  # started together

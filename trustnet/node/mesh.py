@@ -333,8 +333,8 @@ class MeshActor(Actor):
                     or self.backoff.get(peer, (0, 0.0))[1] > now):
                 continue
             (same if cand.get("domain") == self.p.domain else other).append(peer)
-        self.rng.shuffle(same)
-        self.rng.shuffle(other)
+        # In the registry's order: same domain first, then by reputation (it
+        # shuffles ties, so nodes do not all pile onto the same few peers).
         for peer in (same + other)[:max(0, self.p.max_connections - self.occupied)]:
             self.dialing[peer] = now
             self.nursery.start_soon(self._dial_task, peer)
