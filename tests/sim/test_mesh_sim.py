@@ -864,7 +864,8 @@ async def test_a_restarted_mesh_keeps_its_inbox_and_the_floods_it_has_seen(
 async def test_a_node_dials_its_candidates_in_the_registrys_order(
         seeded, autojump_clock, monkeypatch):
     """The registry ranks candidates (same domain first, then by reputation);
-    nodes used to shuffle them, so reputation never decided whom they dialled."""
+    nodes used to shuffle all of them, so reputation never decided whom they
+    dialled. Now a node short of `room` links dials `room` of the best 4 x room."""
     dials: dict[str, list[str]] = {}
 
     async def record(self, peer: str) -> None:  # dial nothing: just note the choice
@@ -872,12 +873,12 @@ async def test_a_node_dials_its_candidates_in_the_registrys_order(
         self.dialing.pop(peer, None)
 
     monkeypatch.setattr(MeshActor, "_dial_task", record)
-    cluster = Cluster(seed=4, n=6, max_connections=2)
-    cluster.registry.order = ["n05", "n03", "n01", "n04", "n02", "n00"]
+    cluster = Cluster(seed=4, n=20, max_connections=2)
+    cluster.registry.order = [f"n{i:02d}" for i in range(19, -1, -1)]
     async with trio.open_nursery() as nursery:
         await cluster.start(nursery)
         await trio.sleep(30.0)
         nursery.cancel_scope.cancel()
     for node, chosen in dials.items():
         ranked = [n for n in cluster.registry.order if n != node]
-        assert set(chosen[:2]) == set(ranked[:2]), (node, chosen)  # started together
+        assert set(chosen[:2]) <= set(ranked[:8]), (node, chosen)

