@@ -112,6 +112,12 @@ class NodeConfig:
         from actors.ws import normalize_address
         return tuple(normalize_address(part.strip()) for part in self.registry.ws.split(","))
 
+    @property
+    def registry_tls(self) -> bool:
+        """Whether the registry is dialled over TLS (its addresses are wss://)."""
+        from actors.ws import is_tls
+        return any(is_tls(address) for address in self.registry_addresses)
+
 
 NODE_ENV_VARS: Mapping[str, str] = types.MappingProxyType({
     "NODE_NAME": "node.id",
@@ -158,13 +164,13 @@ def load_node_config(path: str | os.PathLike[str] | None, env: Mapping[str, str]
         raise fail("registry.ws", "must be a ws://[addr]:port (or wss:// for a registry with "
                                   "TLS) address, or several separated by commas, got "
                                   f"{config.registry.ws!r}") from None
-    schemes = {address.split("://", 1)[0] for address in config.registry_addresses}
-    if len(schemes) > 1:
+    from actors.ws import is_tls
+    if len({is_tls(address) for address in config.registry_addresses}) > 1:
         raise fail("registry.ws", "mixes ws:// and wss:// addresses: the replicas of a "
                                   f"registry all serve TLS or none do, got {config.registry.ws!r}")
     if config.registry.ca_file is not None:
         from trustnet.tls import client_context
-        if schemes != {"wss"}:
+        if not config.registry_tls:
             raise fail("registry.ca_file", "is only used for a wss:// registry (registry.ws "
                                            f"is {config.registry.ws!r})")
         try:

@@ -80,6 +80,13 @@ def node_address(node: dict[str, Any]) -> str:
     return normalize_address(format_address(str(node["ipv6"]), int(node["port"])))
 
 
+# What a registry replica answers when it cannot serve a node now (cut off
+# from a majority, no leader, a leader change under way): another replica
+# may, and the same request later may go through.
+REPLICA_REFUSALS = frozenset({"no_leader", "not_leader", "commit_unknown", "not_committed",
+                              "unavailable"})
+
+
 @attrs.define
 class NodeContext:
     params: NodeParams

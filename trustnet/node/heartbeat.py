@@ -32,16 +32,13 @@ from actors import Actor, ActorError, Refused
 from trustnet.identity import IdentityError, session_key, session_mac, session_share
 from trustnet.registry.node_protocol import OpenSession, SessionHeartbeat, SignedRegister
 
-from .context import NodeContext, NodeFatal
+from .context import REPLICA_REFUSALS, NodeContext, NodeFatal
 from .mesh import MESH_ACTOR
 from .messages import HeartbeatStatus, ReportLinks
 
 log = logging.getLogger("trustnet.node.heartbeat")
 
 FATAL_REFUSALS = ("name_taken", "bad_statement", "ipv6_taken", "invalid")
-# What a replica answers when it cannot serve us now (cut off from a
-# majority, no leader, a leader change under way): another replica may.
-REPLICA_REFUSALS = ("no_leader", "not_leader", "commit_unknown", "not_committed", "unavailable")
 SESSION_REFUSALS = ("no_session", "bad_session")
 
 

@@ -47,7 +47,7 @@ from actors import Actor, ActorError, ChildSpec, Letter, Refused, Restart, Super
 from trustnet.registry.messages import GetNode
 from trustnet.registry.node_protocol import Candidates, LinkReport
 
-from .context import NodeContext, node_address
+from .context import REPLICA_REFUSALS, NodeContext, node_address
 from .flood import DEFAULT_HOPS, MAX_PAYLOAD, Inbox, SeenSet, arriving_hops, flood_step
 from .handshake import check_proof, new_challenge, sign_challenge
 from .messages import (
@@ -69,9 +69,7 @@ from .peerlink import PeerLinkActor, link_name
 log = logging.getLogger("trustnet.node.mesh")
 
 MESH_ACTOR = "mesh"
-# Refusals of a link report that may go differently later: sent again.
-REPORT_AGAIN = frozenset({"no_leader", "not_leader", "commit_unknown", "not_committed",
-                          "unavailable"})
+
 HANDSHAKE_TIMEOUT = 10.0
 KNOWN_LIMIT = 1024  # peers' addresses and keys kept from the registry's answers
 EVENTS_LIMIT = 1000
@@ -213,15 +211,6 @@ class MeshActor(Actor):
     async def _answer_later(self, letter: Letter) -> None:
         msg = letter.msg
         try:
-            await self._answer_now(letter)
-        finally:
-            proving = self.proving.pop(msg.node_id, None) if isinstance(msg, LinkProof) else None
-            if proving is not None:
-                proving.set()  # the messages that came behind it may go on
-
-    async def _answer_now(self, letter: Letter) -> None:
-        try:
-            msg = letter.msg
             if isinstance(msg, LinkHello):
                 result = await self._on_hello(msg)
             elif isinstance(msg, LinkProof):
@@ -236,10 +225,14 @@ class MeshActor(Actor):
             # What another node sent must not crash the mesh (each crash
             # drops every link, and a few in a row end the node): a bug
             # here is logged and answered, not a way to take nodes down.
-            log.exception("mesh request failed", extra={"type": type(letter.msg).__name__})
+            log.exception("mesh request failed", extra={"type": type(msg).__name__})
             letter.fail(Refused("internal_error", f"{type(exc).__name__}: {exc}"))
         else:
             letter.answer(result)
+        finally:
+            proving = self.proving.pop(msg.node_id, None) if isinstance(msg, LinkProof) else None
+            if proving is not None:
+                proving.set()  # the messages that came behind it may go on
 
     async def receive(self, msg: Any) -> Any:
         match msg:
@@ -619,7 +612,7 @@ class MeshActor(Actor):
             try:
                 await self.node.registry.ask(LinkReport(stmt), timeout=self.p.request_timeout)
             except Refused as exc:
-                if exc.code not in REPORT_AGAIN:
+                if exc.code not in REPLICA_REFUSALS:  # else: again, later
                     self._reported(peer, state)  # taken, or never will be: do not insist
                 log.debug("link report refused", extra={"peer": peer, "code": exc.code})
             except ActorError as exc:

@@ -16,7 +16,7 @@ import hypercorn.trio
 import trio
 
 from actors import ActorSystem
-from actors.ws import WebsocketTransport, is_tls
+from actors.ws import WebsocketTransport
 from trustnet.identity import IdentityError, NodeIdentity
 from trustnet.logs import hypercorn_logging
 from trustnet.signals import watch_signals
@@ -51,10 +51,9 @@ async def serve(config: NodeConfig) -> int:
         # Peers' links are plain ws:// (the handshake proves both keys); a
         # registry with TLS is dialled wss:// and checked against ca_file
         # (else the system's store, read now rather than on the first dial).
-        tls = any(is_tls(a) for a in config.registry_addresses)
         transport = WebsocketTransport(
             config.node.listen_host, config.node.listen_port, advertise=config.advertise_ipv6,
-            tls_client=client_context(config.registry.ca_file) if tls else None)
+            tls_client=client_context(config.registry.ca_file) if config.registry_tls else None)
     except OSError as exc:
         log.critical("cannot listen for peers", extra={"port": config.node.listen_port,
                                                        "error": str(exc)})

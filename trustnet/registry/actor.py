@@ -433,7 +433,7 @@ class RegistryActor(Actor):
         heartbeats of that time are still queued in its sockets. Their
         leases get that time back, or the first sweep would expire every
         node that was only waiting to be heard."""
-        if stalled < STALL_GRACE_AFTER or not len(self.leases):
+        if stalled < STALL_GRACE_AFTER or not self.leases:
             return
         self.leases.extend(stalled)
         log.warning("the registry did not run for a while; leases extended by as much",
@@ -470,12 +470,8 @@ class RegistryActor(Actor):
         scores = self.reputation.take_dirty()
         for i in range(0, len(scores), CHECKPOINT_CHUNK):
             await self._apply_soft([_set_scores(scores[i:i + CHECKPOINT_CHUNK])], pace)
-        # Chunk by chunk, each taken just before it is written: values taken
-        # up front would rewind a lease a registration stored meanwhile.
-        ids = self.leases.dirty_ids()
-        for i in range(0, len(ids), CHECKPOINT_CHUNK):
-            if chunk := self.leases.take_dirty(ids[i:i + CHECKPOINT_CHUNK]):
-                await self._apply_soft([_checkpoint_leases(chunk)], pace)
+        for chunk in self.leases.dirty_chunks(CHECKPOINT_CHUNK):
+            await self._apply_soft([_checkpoint_leases(chunk)], pace)
 
     async def _apply_soft(self, commands: list[Any], pace: bool) -> None:
         """Apply without fsync; `pace`: then rest as long as that took, so a
@@ -734,11 +730,7 @@ class RegistryActor(Actor):
             scores = self.reputation.take_dirty()
             if scores:
                 await self._propose_local(_set_scores(scores))
-            ids = self.leases.dirty_ids()  # chunk by chunk, as in _checkpoint
-            for i in range(0, len(ids), CHECKPOINT_CHUNK):
-                chunk = self.leases.take_dirty(ids[i:i + CHECKPOINT_CHUNK])
-                if not chunk:
-                    continue
+            for chunk in self.leases.dirty_chunks(CHECKPOINT_CHUNK):
                 try:
                     await self._propose_local(_checkpoint_leases(chunk))
                 except BaseException:

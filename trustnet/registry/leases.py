@@ -3,8 +3,8 @@
 Deadlines are kept in one-second buckets (a coarse timing wheel), so a
 renewal is O(1) and a sweep only looks at the buckets that are due, however
 many nodes there are. Persisting deadlines is the RegistryActor's job: it
-takes the renewals since the last checkpoint with `take_dirty()` and writes
-them in one batch.
+takes the renewals since the last checkpoint with `dirty_chunks()` (or
+`take_dirty()`) and writes them in batches.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import sys
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Callable
 
 import orjson
@@ -116,19 +116,22 @@ class LeaseTable:
             if self.on_change is not None:
                 self.on_change(node_id)
 
-    def dirty_ids(self) -> list[str]:
-        """The leases changed since they were last taken, in id order."""
-        return sorted(self._dirty)
-
     def take_dirty(self, ids: Iterable[str] | None = None) -> list[tuple[str, float, float]]:
         """(node_id, deadline, last_renewal), as they are now, of the leases
         changed since they were last taken: all, or those of `ids` that
-        still are (a checkpoint writing `dirty_ids()` in chunks takes each
-        chunk just before writing it, so it never writes a value older than
-        one stored meanwhile)."""
+        still are."""
         taken = sorted(self._dirty) if ids is None else [n for n in ids if n in self._dirty]
         self._dirty.difference_update(taken)
         return [(n, self._deadline[n], self._last_renewal[n]) for n in taken]
+
+    def dirty_chunks(self, size: int) -> Iterator[list[tuple[str, float, float]]]:
+        """take_dirty in chunks of the leases dirty now, each taken only when
+        the caller asks for it: a checkpoint that writes one and waits before
+        the next never writes a value older than one stored meanwhile."""
+        ids = sorted(self._dirty)
+        for i in range(0, len(ids), size):
+            if chunk := self.take_dirty(ids[i:i + size]):
+                yield chunk
 
     def mark_dirty(self, node_ids: Iterable[str]) -> None:
         """Write these again at the next checkpoint (a chunk that failed); ids
