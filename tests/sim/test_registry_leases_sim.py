@@ -353,3 +353,45 @@ async def test_leases_get_back_the_time_the_registry_stood_still(tmp_path, autoj
         await ref.ask(m.Heartbeat("n1"))  # what was queued is then served
         await trio.sleep(60.0)  # and a node that stays silent still expires
         assert [r.node_id for r in caplog.records if r.getMessage() == "node expired"] == ["n1"]
+
+
+async def test_a_link_report_through_a_follower_counts_on_the_leader(tmp_path, autojump_clock):
+    """Reputation lives on the leader. A report a follower took used to be
+    committed (the peers table) but counted in the follower's book, which
+    holds no leases, so it counted nowhere: with 3 replicas, two thirds of
+    the nodes' reports."""
+    net = SimNetwork(4, FaultModel(delay=(0.001, 0.002)))
+    idents = {n: NodeIdentity.generate() for n in ("a", "b")}
+
+    def stmt(node_id: str, purpose: str, body: dict) -> str:
+        return orjson.dumps(idents[node_id].statement(purpose, node_id, body, now=clock())).decode()
+
+    async with trio.open_nursery() as nursery:
+        g = await start_group(nursery, net, tmp_path)
+        lead, fol = g.leader(), g.follower()
+        for i, n in enumerate(idents, 1):
+            await g.ask(fol, np.SignedRegister(stmt(n, "register", {
+                "ipv6": f"fd10::{i}", "port": 7000, "domain": "default",
+                "public_key": idents[n].public_key})))
+        await g.ask(fol, np.SignedHeartbeat(stmt("b", "heartbeat", {})))  # the leader holds b's lease
+        for state in ("open", "failed", "open"):
+            answer = await g.ask(fol, np.LinkReport(stmt("a", "link", {"peer": "b", "state": state})))
+            assert answer["recorded"]
+        await trio.sleep(0.1)
+        links = (await g.ask(lead, m.ReputationOf("b")))["links"]
+        assert (links["opened"], links["failed"]) == (2, 1)
+        assert not g.regs[fol].reputation.tracks  # nothing kept where it is never stored
+        # and the leader's checkpoint stores the score, on every replica
+        await trio.sleep(1.0)
+        expected = g.regs[lead].reputation.score("b")
+        assert expected != 0.5
+        for rid in g.replicas:
+            assert g.regs[rid].state.get_node("b")["reputation"] == pytest.approx(expected)
+        nursery.cancel_scope.cancel()
+
+
+def test_a_reported_link_travels_only_on_the_replicas_links():
+    """A node cannot count reports it never signed by sending ReportedLink:
+    the transport takes it only on a link that proved the cluster secret."""
+    from actors.codec import needs_trust
+    assert needs_trust(m.ReportedLink("b", "open"))

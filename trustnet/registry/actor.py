@@ -315,11 +315,29 @@ class RegistryActor(Actor):
     def _after_link_report(self, msg: np.LinkReport, cmd: Any, result: Any) -> dict:
         stmt = self.gate.parse(msg.statement)
         state, peer = stmt["body"]["state"], stmt["body"]["peer"]
-        if peer in self.leases:  # not names nobody holds: the book would only grow
-            self.reputation.link_report(peer, state)
+        if self.consensus is not None and not self.leader_term:
+            self._report_to_leader(m.ReportedLink(peer, state))
+        else:
+            self._count_link(peer, state)
         # Closing a link the registry never saw is fine; a refusal here is
         # only worth a note in the answer.
         return {"ok": True, "recorded": not isinstance(result, Refused)}
+
+    def _count_link(self, peer: str, state: str) -> None:
+        if peer in self.leases:  # not names nobody holds: the book would only grow
+            self.reputation.link_report(peer, state)
+
+    def _report_to_leader(self, msg: m.ReportedLink) -> None:
+        """Best effort, as reputation is soft state: with no leader known, or
+        its link full, the report counts for nothing."""
+        address = self._leader_address()
+        if address is None:
+            log.debug("link report not counted: no leader", extra={"peer": msg.peer})
+            return
+        try:
+            self.system.ref("registry", address).tell_nowait(msg)
+        except ActorError as exc:
+            log.debug("link report not counted", extra={"peer": msg.peer, "error": str(exc)})
 
     def _bound_key(self, node_id: str) -> str:
         key = self.state.public_key_of(node_id)
@@ -347,6 +365,10 @@ class RegistryActor(Actor):
                 return self._lease_message(msg)
             case np.Candidates(node_id, limit):
                 return {"peers": self._candidates(node_id, limit)}
+            case m.ReportedLink(peer, state):
+                if self.leader_term and state in LINK_STATES:
+                    self._count_link(peer, state)
+                return None
             case m.ReputationOf(node_id):
                 node = self.state.get_node(node_id)
                 return {**self.reputation.breakdown(node_id), "stored": node["reputation"]}

@@ -112,3 +112,13 @@ class LeaderHeartbeat:
     node_id: str = ""
     statement: str = ""
 
+
+@message("registry.req.reported_link", trusted=True)
+class ReportedLink:
+    """A follower's RegistryActor tells the leader's what a node's link
+    report said, once the report is verified and its peers-table change
+    committed: reputation is kept on the leader, which checkpoints it."""
+
+    peer: str
+    state: str
+
