@@ -690,3 +690,27 @@ def test_registry_restore_refuses_bad_snapshots_and_changes_nothing(tmp_path):
             assert (s.state_hash(), s.applied_index) == (digest, 8)
     finally:
         s.close()
+
+
+def test_a_registry_ahead_of_its_raft_log_refuses_to_start(tmp_path):
+    """raft.db lost (or swapped) while registry.db was kept: Raft would hand
+    out indices the registry already applied, and it would skip them. The
+    replica must not start, and must say which files and what to do."""
+    from trustnet.consensus.replica import ReplicaSpec, open_stores
+
+    spec = ReplicaSpec(id="r1", addresses={"r1": "ws://[::1]:7001"}, voters=("r1",),
+                       registry_path=str(tmp_path / "registry.db"),
+                       raft_path=str(tmp_path / "raft.db"))
+    storage, state = open_stores(spec)
+    state.apply_batch([(1, RegisterNode(node_id="a", ipv6="fd10::1", port=1, domain="d",
+                                        at=1.0e9, lease_deadline=1.0e9 + 90))])
+    state.close()
+    storage.close()
+    os.remove(spec.raft_path)
+    with pytest.raises(ValueError, match=r"applied the log up to index 1.*ends at 0.*same backup"):
+        open_stores(spec)
+    os.remove(spec.registry_path)  # the remedy it names: the registry is rebuilt
+    storage, state = open_stores(spec)
+    assert state.applied_index == 0
+    state.close()
+    storage.close()

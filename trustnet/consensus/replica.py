@@ -62,6 +62,18 @@ def open_stores(spec: ReplicaSpec) -> tuple[Any, RegistryState]:
     except BaseException:
         state.close()
         raise
+    if state.applied_index > storage.last_index():
+        # The registry applied entries its log no longer has: the log was
+        # lost or is another's. Raft would hand out those indices again and
+        # this registry would skip them as applied, so refuse to start.
+        applied, last = state.applied_index, storage.last_index()
+        state.close()
+        getattr(storage, "close", lambda: None)()
+        raise ValueError(
+            f"the registry database {spec.registry_path} has applied the log up to index "
+            f"{applied}, but the Raft log {spec.raft_path or '(in memory)'} ends at {last}: "
+            "the log was lost or belongs to another replica. Restore both files from the "
+            "same backup, or remove the registry database so that it is rebuilt from the log")
     return storage, state
 
 
