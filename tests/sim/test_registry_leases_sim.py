@@ -63,7 +63,8 @@ async def start_group(nursery, net: SimNetwork, tmp_path, *, sweep: float = 0.1)
     def main(rid: str):
         async def run(transport):
             spec = ReplicaSpec(id=rid, addresses=dict(g.addr), voters=tuple(g.addr), config=cfg,
-                               registry_path=str(tmp_path / f"{rid}.db"))
+                               registry_path=str(tmp_path / f"{rid}.db"),
+                               raft_path=str(tmp_path / f"{rid}.raft.db"))
             async with trio.open_nursery() as own:
                 rep = await own.start(run_replica, transport, spec)
                 reg = RegistryActor(rep.actor.state, ttl=TTL, checkpoint_interval=0.5,
@@ -270,8 +271,13 @@ def test_an_expiry_decided_in_another_term_is_not_applied():
 
 
 class _Clock:
+    """The wall clock, which a test can step (`offset`) as NTP or an operator would."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
     def __call__(self) -> float:
-        return T0 + trio.current_time()
+        return T0 + trio.current_time() + self.offset
 
 
 @contextlib.asynccontextmanager
@@ -395,3 +401,116 @@ def test_a_reported_link_travels_only_on_the_replicas_links():
     the transport takes it only on a link that proved the cluster secret."""
     from actors.codec import needs_trust
     assert needs_trust(m.ReportedLink("b", "open"))
+
+
+@pytest.mark.parametrize("step", [+3600.0, -3600.0])
+async def test_a_step_of_the_system_clock_does_not_change_how_long_leases_last(
+        tmp_path, autojump_clock, caplog, step):
+    """Leases are in wall-clock time. A step forward of more than the TTL
+    used to expire every node at the next sweep (each was heartbeating); a
+    step back kept a silent node listed for the length of the step."""
+    caplog.set_level(logging.INFO, logger="trustnet.registry")
+    wall = _Clock()
+    expired = lambda: [r.node_id for r in caplog.records if r.getMessage() == "node expired"]
+    async with lone_registry(tmp_path, wall) as (actor, ref):
+        for n in ("live", "silent"):
+            await ref.ask(m.Register(node_id=n, ipv6=f"fd10::{len(n)}", port=7000))
+        for i in range(40):  # "live" heartbeats every 10 s (TTL 30 s), "silent" never
+            if i == 1:
+                wall.offset += step
+            await ref.ask(m.Heartbeat("live"))
+            await trio.sleep(10.0)
+            if i == 5:  # 60 s of real time: the silent one's TTL is long gone
+                assert expired() == ["silent"]
+        assert expired() == ["silent"]
+        assert "live" in actor.leases
+        assert any(r.getMessage().startswith("the system clock stepped") for r in caplog.records)
+
+
+async def _transfer(g: Group) -> None:
+    """Hand the lead to another replica and wait until its registry leads."""
+    lead = g.leader()
+    other = next(r for r in sorted(g.replicas) if r != lead)
+    await g.replicas[lead].system.ref("consensus").ask(TransferLeadership(other), timeout=5)
+    with trio.fail_after(3):
+        while g.leader() != other or not g.regs[other].leader_term:
+            await trio.sleep(0.01)
+
+
+async def test_frequent_elections_do_not_keep_a_silent_node_listed(tmp_path, autojump_clock):
+    """etcd's complaint: each new leader granted every lease a fresh TTL, so
+    with elections more often than the TTL a dead node stayed for ever. The
+    grace is bounded by the node's last heartbeat (+ 2 TTL)."""
+    net = SimNetwork(6, FaultModel(delay=(0.001, 0.002)))
+    async with trio.open_nursery() as nursery:
+        g = await start_group(nursery, net, tmp_path)
+        await g.ask(g.leader(), m.Register(node_id="dead", ipv6="fd10::1", port=7000))
+        await g.ask(g.leader(), m.Register(node_id="live", ipv6="fd10::2", port=7000))
+        silent_since = trio.current_time()
+        while trio.current_time() - silent_since < 4 * TTL:
+            await _transfer(g)  # a new leader every TTL / 2
+            for _ in range(2):
+                await g.ask(g.follower(), m.Heartbeat("live"))
+                await trio.sleep(TTL / 4)
+        assert not any(g.has_row(r, "dead") for r in g.replicas)
+        assert all(g.has_row(r, "live") for r in g.replicas)
+        nursery.cancel_scope.cancel()
+
+
+async def test_after_the_whole_group_was_down_nodes_get_time_to_heartbeat(
+        tmp_path, autojump_clock, caplog):
+    """Every replica down for longer than 2 TTL (an outage, an upgrade of
+    all): nodes could not heartbeat meanwhile. The first leader after it used
+    to expire every node at once (each was past its last heartbeat + 2 TTL),
+    which dropped their rows, peers and reputation, as a lone registry's
+    restart does not. A node that stays silent after the outage still goes."""
+    caplog.set_level(logging.INFO, logger="trustnet.registry")
+    net = SimNetwork(7, FaultModel(delay=(0.001, 0.002)))
+    async with trio.open_nursery() as nursery:
+        g = await start_group(nursery, net, tmp_path)
+        for i, n in enumerate(("back", "gone"), 1):
+            await g.ask(g.leader(), m.Register(node_id=n, ipv6=f"fd10::{i}", port=7000))
+        assert await beats(g, g.leader(), "back", 3) == ["ok"] * 3
+        for rid in sorted(g.replicas):
+            net.crash(g.addr[rid])
+        await trio.sleep(10 * TTL)
+        for rid in sorted(g.replicas):
+            await net.restart(g.addr[rid])
+        with trio.fail_after(5):
+            while g.leader() is None or not g.regs[g.leader()].leader_term:
+                await trio.sleep(0.01)
+        await trio.sleep(HB)  # the node's retry after a heartbeat interval
+        assert await beats(g, g.follower(), "back", int(3 * TTL / HB)) == ["ok"] * int(3 * TTL / HB)
+        assert all(g.has_row(r, "back") for r in g.replicas)
+        assert not any(g.has_row(r, "gone") for r in g.replicas)
+        assert [r.node_id for r in caplog.records if r.getMessage() == "node expired"] == ["gone"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_slow_expiry_commit_is_not_taken_for_a_stall(tmp_path, autojump_clock, caplog):
+    """The sweep measured its lateness from its previous wake-up, so the time
+    it spent waiting for an expiry to commit counted as the process standing
+    still, and every lease was extended by it."""
+    caplog.set_level(logging.INFO, logger="trustnet.registry")
+    net = SimNetwork(8, FaultModel(delay=(0.001, 0.002)))
+    async with trio.open_nursery() as nursery:
+        g = await start_group(nursery, net, tmp_path)
+        lead = g.leader()
+        reg = g.regs[lead]
+        await g.ask(lead, m.Register(node_id="silent", ipv6="fd10::1", port=7000))
+        await g.ask(lead, m.Register(node_id="live", ipv6="fd10::2", port=7000))
+        real = reg._propose_local
+
+        async def slow(cmd):
+            if isinstance(cmd, ExpireNodes):
+                await trio.sleep(1.5)  # a commit that takes its time
+            return await real(cmd)
+
+        reg._propose_local = slow
+        await g.ask(lead, m.Heartbeat("live"))
+        renewed = reg.leases.deadline("live")
+        await trio.sleep(TTL + 2.0)  # silent's expiry is proposed, slowly
+        assert not g.has_row(lead, "silent")
+        assert reg.leases.deadline("live") == renewed
+        assert not [r for r in caplog.records if "did not run" in r.getMessage()]
+        nursery.cancel_scope.cancel()

@@ -55,13 +55,18 @@ TTL = 3600.0
 
 
 class Clock:
-    """Unix time plus an offset the test jumps (no real waiting)."""
+    """Unix time plus an offset the test jumps (no real waiting): time that
+    passes, so monotonic time jumps with it (a jump of the system clock
+    alone is a step of it, which the registry undoes)."""
 
     def __init__(self) -> None:
         self.offset = 0.0
 
     def __call__(self) -> float:
         return time.time() + self.offset
+
+    def monotonic(self) -> float:
+        return trio.current_time() + self.offset
 
     def jump(self, seconds: float) -> None:
         self.offset += seconds
@@ -166,7 +171,7 @@ async def running(tmp_path, *, ttl: float = TTL, sweep_interval: float | None = 
     system = ActorSystem()
     actor = RegistryActor(state, ttl=ttl, checkpoint_interval=3600.0,
                           sweep_interval=sweep_interval, heartbeat_interval=INTERVAL,
-                          clock=clock)
+                          clock=clock, monotonic=clock.monotonic)
     try:
         async with trio.open_nursery() as nursery:
             await system.spawn(nursery, actor, "registry", mailbox_size=1000)

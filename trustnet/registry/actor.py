@@ -74,7 +74,10 @@ class RegistryActor(Actor):
     def __init__(self, state: RegistryState, *, ttl: float, checkpoint_interval: float,
                  sweep_interval: float | None = None, heartbeat_interval: float | None = None,
                  clock: Callable[[], float] = time.time, consensus: Ref | None = None,
-                 propose_timeout: float = 8.0, watch_interval: float = 0.05):
+                 propose_timeout: float = 8.0, watch_interval: float = 0.05,
+                 monotonic: Callable[[], float] = trio.current_time):
+        """`clock`: the system time leases are kept in; `monotonic`: a time
+        no one sets, against which steps of `clock` are noticed (_now)."""
         self.state = state
         self.consensus = consensus  # None: apply writes directly (one replica)
         self.propose_timeout = propose_timeout
@@ -82,6 +85,7 @@ class RegistryActor(Actor):
         self.raft: dict = {}  # last ClusterStatus of the local consensus (replicated mode)
         self.leader_term = 0  # the term this replica leads in; 0 when it does not
         self.leader_since = 0.0
+        self._outage = 0.0  # how long the group had no leader before this one (see _become_leader)
         # Ids of an expiry proposed but not answered in time (it may still
         # commit): if a later expiry finds them gone, that was theirs.
         self._expiry_unknown: set[str] = set()
@@ -94,12 +98,15 @@ class RegistryActor(Actor):
         self.checkpoint_interval = checkpoint_interval
         self.sweep_interval = sweep_interval or min(1.0, ttl / 6)
         self.clock = clock
+        self.monotonic = monotonic
         self.leases = LeaseTable(ttl)
+        self._clock_mark = (0.0, 0.0)  # (monotonic, system) time of the last _check_clock
         self.sessions = SessionTable()  # heartbeat sessions, kept with the leases
 
     # ------------------------------------------------------------ lifecycle
 
     async def on_start(self) -> None:
+        self._clock_mark = self.monotonic(), self.clock()
         if self.consensus is not None:
             await self._refresh_raft()
             self.nursery.start_soon(self._watch_leadership)
@@ -107,7 +114,7 @@ class RegistryActor(Actor):
             self.nursery.start_soon(self._checkpoint_loop)
             log.info("registry replica started", extra={"applied_index": self.state.applied_index})
             return
-        now = self.up_since = self.clock()
+        now = self.up_since = self._now()
         # Nodes could not heartbeat while the registry was down: every lease
         # gets at least one full TTL from now before it can expire. The last
         # heartbeat shown stays the one the node really sent.
@@ -202,7 +209,7 @@ class RegistryActor(Actor):
         this process goes on reading links, so the next batch gathers
         meanwhile. Measured (bench/heartbeats.py): +25-30% heartbeats/s over
         verifying here, even for batches of one."""
-        now = self.clock()
+        now = self._now()
         checked: list[tuple[Letter, dict, str]] = []
         for letter in batch:
             try:
@@ -221,7 +228,7 @@ class RegistryActor(Actor):
             for letter, _, _ in checked:
                 self.nursery.start_soon(self._forward_heartbeat, letter, letter.msg)
             return
-        now = self.clock()
+        now = self._now()
         for (letter, stmt, _), ok in zip(checked, verified):
             try:
                 self.gate.admit(stmt, ok, now)
@@ -230,7 +237,7 @@ class RegistryActor(Actor):
                 letter.fail(refusal)
 
     def _commit(self, batch: list[Letter]) -> None:
-        now = self.clock()
+        now = self._now()
         accepted: list[tuple[Letter, Any]] = []
         for letter in batch:
             try:
@@ -395,7 +402,7 @@ class RegistryActor(Actor):
     # ------------------------------------------------------------ leases
 
     def _heartbeat(self, node_id: str) -> dict:
-        now = self.clock()
+        now = self._now()
         deadline = self.leases.deadline(node_id)
         if deadline is not None and deadline <= now:
             # The lease ran out before the sweep saw it: expire it now (as the
@@ -421,7 +428,7 @@ class RegistryActor(Actor):
         if len(pool) <= limit:  # too few in the domain: look beyond it
             pool += [n for n in self.state.list_nodes(None, 1000, leases=self.leases)["nodes"]
                      if n["domain"] != me["domain"]]
-        now = self.clock()
+        now = self._now()
         if self.consensus is not None and not self.leader_term:
             # A follower keeps no leases: the stored deadlines (a checkpoint
             # behind the leader's) are good enough for hints.
@@ -438,12 +445,13 @@ class RegistryActor(Actor):
         return node
 
     async def _sweep_loop(self) -> None:
-        last = trio.current_time()
         while True:
+            asleep = trio.current_time()
             await trio.sleep(self.sweep_interval)
-            now = trio.current_time()
-            self._after_stall(now - last - self.sweep_interval)
-            last = now
+            # Late from the sleep alone: the time the expiry below waits on
+            # consensus is not the process standing still.
+            self._after_stall(trio.current_time() - asleep - self.sweep_interval)
+            self._now()  # moves the deadlines first if the system clock stepped
             if self.consensus is not None:
                 await self._expire_replicated()
             else:
@@ -461,8 +469,30 @@ class RegistryActor(Actor):
         log.warning("the registry did not run for a while; leases extended by as much",
                     extra={"stalled_seconds": round(stalled, 3), "leases": len(self.leases)})
 
+    def _now(self) -> float:
+        """The system clock's time, which leases are kept in, after checking
+        that it did not move more than monotonic time since the last look
+        (someone set it, or NTP stepped it). Every deadline then moves by
+        the step, so each lease lasts as long in real time: a step forward
+        does not expire every node at once, a step back does not keep silent
+        ones listed for the length of the step. Each renewal and sweep looks
+        first, so no deadline is computed across an unnoticed step."""
+        mono, wall = self.monotonic(), self.clock()
+        last_mono, last_wall = self._clock_mark
+        self._clock_mark = mono, wall
+        step = (wall - last_wall) - (mono - last_mono)
+        if abs(step) < STALL_GRACE_AFTER or not self.leases:
+            return wall
+        self.leases.extend(step)
+        # the times heartbeats are measured from for punctuality move too
+        self.up_since += step if self.up_since else 0.0
+        self.leader_since += step if self.leader_since else 0.0
+        log.warning("the system clock stepped; lease deadlines moved by as much",
+                    extra={"step_seconds": round(step, 3), "leases": len(self.leases)})
+        return wall
+
     def expire_due(self) -> list[str]:
-        now = self.clock()
+        now = self._now()
         due = self.leases.expired(now)
         if not due:
             return []
@@ -509,7 +539,7 @@ class RegistryActor(Actor):
         """Writes and heartbeats in replicated mode; False: handle as usual."""
         msg = letter.msg
         if isinstance(msg, WRITES):
-            now = self.clock()
+            now = self._now()
             try:
                 cmd = self._command(msg, now)
             except Refused as refusal:
@@ -585,18 +615,31 @@ class RegistryActor(Actor):
             await self._refresh_raft()
 
     def _become_leader(self, term: int) -> None:
-        self.leader_term, self.leader_since = term, self.clock()
+        self.leader_term, self.leader_since = term, self._now()
         self._forget_leases()
+        pulse = self.state.leader_pulse()
+        # Leaders pulse every checkpoint interval: a last pulse older than
+        # two of them (more than any election between two leaders takes)
+        # means the group was down, or without a leader, since about then.
+        self._outage = (self.ttl if pulse is None else
+                        max(0.0, self.leader_since - pulse - 2 * self.checkpoint_interval))
         for node_id, (deadline, last) in self.state.lease_table().items():
             self._adopt(node_id, deadline, last)
         self.leases.take_dirty()  # nothing new to checkpoint: they came from the log
-        log.info("registry leads", extra={"term": term, "nodes": len(self.leases)})
+        if self.leases:
+            self.nursery.start_soon(self._checkpoint_replicated)  # this leader's first pulse
+        log.info("registry leads", extra={"term": term, "nodes": len(self.leases),
+                                          "outage_seconds": round(self._outage, 3)})
 
     def _adopt(self, node_id: str, deadline: float | None, last: float | None) -> None:
-        """Track a stored lease on the leader, with the bounded grace."""
+        """Track a stored lease on the leader, with the bounded grace: one
+        TTL from the election, but no more than 2 TTL after the node's last
+        heartbeat (frequent elections must not keep a dead node listed),
+        not counting a time the whole group was down (its nodes could not
+        heartbeat then)."""
         grace = self.leader_since + self.ttl
         if last is not None:
-            grace = min(grace, last + 2 * self.ttl)
+            grace = min(grace, last + 2 * self.ttl + self._outage)
         self.leases.grant(node_id, last if last is not None else self.leader_since,
                           max(deadline or 0.0, grace))
 
@@ -620,7 +663,7 @@ class RegistryActor(Actor):
         stmt = self.gate.parse(statement)
         node_id = stmt["node_id"]
         key = self._bound_key(node_id)
-        body = self.gate.check(stmt, key, "session", self.clock())
+        body = self.gate.check(stmt, key, "session", self._now())
         if set(body) != {"share"}:
             raise BadStatement("a session statement's body is exactly {\"share\": ...}",
                                {"node_id": node_id})
@@ -645,7 +688,7 @@ class RegistryActor(Actor):
     def _leader_heartbeat(self, node_id: str, statement: str) -> dict:
         if statement:
             stmt = self.gate.parse(statement)
-            self.gate.check(stmt, self._bound_key(stmt["node_id"]), "heartbeat", self.clock())
+            self.gate.check(stmt, self._bound_key(stmt["node_id"]), "heartbeat", self._now())
             node_id = stmt["node_id"]
         elif self.state.public_key_of(node_id) is not None:
             raise Refused("signature_required",
@@ -671,7 +714,7 @@ class RegistryActor(Actor):
                 # Registered through another replica since this one took over.
                 node = self._stored(node_id)
                 if node is not None:
-                    self.leases.grant(node_id, self.clock(), node.get("lease_deadline"))
+                    self.leases.grant(node_id, self._now(), node.get("lease_deadline"))
         return self._heartbeat(node_id)
 
     def _leader_address(self) -> str | None:
@@ -718,7 +761,7 @@ class RegistryActor(Actor):
     async def _expire_replicated(self) -> None:
         if not self.leader_term:
             return
-        now = self.clock()
+        now = self._now()
         for node_id, deadline, last in self.state.leases_due(now):
             if node_id not in self.leases:  # registered through another replica
                 self._adopt(node_id, deadline, last)
@@ -752,12 +795,16 @@ class RegistryActor(Actor):
             scores = self.reputation.take_dirty()
             if scores:
                 await self._propose_local(_set_scores(scores))
+            pulsed = False
             for chunk in self.leases.dirty_chunks(CHECKPOINT_CHUNK):
                 try:
-                    await self._propose_local(_checkpoint_leases(chunk))
+                    await self._propose_local(_checkpoint_leases(chunk, self._now()))
+                    pulsed = True
                 except BaseException:
                     self.leases.mark_dirty(n for n, _, _ in chunk)  # at the next checkpoint
                     raise
+            if not pulsed and self.leases:  # the pulse alone (see CheckpointLeases)
+                await self._propose_local(_checkpoint_leases([], self._now()))
         except (Refused, ActorError) as exc:
             log.warning("lease checkpoint not committed", extra={"error": str(exc)})
 
@@ -768,10 +815,11 @@ def _set_scores(scores: list[tuple[str, float]]) -> SetReputation:
                                        for n, r in scores))
 
 
-def _checkpoint_leases(dirty: list[tuple[str, float, float]]) -> CheckpointLeases:
-    """The command that stores renewed leases (LeaseTable.take_dirty's entries)."""
+def _checkpoint_leases(dirty: list[tuple[str, float, float]], at: float = 0.0) -> CheckpointLeases:
+    """The command that stores renewed leases (LeaseTable.take_dirty's
+    entries); `at`: the leader's pulse (replicated mode)."""
     return CheckpointLeases(entries=tuple(LeaseEntry(node_id=n, deadline=d, last_heartbeat=h)
-                                          for n, d, h in dirty))
+                                          for n, d, h in dirty), at=at)
 
 
 CONSENSUS_CODES = frozenset({"no_leader", "not_leader", "not_committed", "commit_unknown"})

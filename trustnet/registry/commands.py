@@ -131,9 +131,16 @@ class LeaseEntry:
 
 @message("registry.checkpoint_leases")
 class CheckpointLeases:
-    """Persist the leader's in-memory leases, so a new leader starts from them."""
+    """Persist the leader's in-memory leases, so a new leader starts from them.
+
+    `at` (the leader's clock; 0 in entries written before it existed) is the
+    registry's pulse: a leader checkpoints at least every checkpoint interval
+    while it holds leases, so a new leader that finds the last pulse long ago
+    knows the whole group was down (or had no leader) for that long, and that
+    nodes could not heartbeat meanwhile."""
 
     entries: tuple[LeaseEntry, ...]
+    at: float = 0.0
 
 
 @message("registry.release_identity")

@@ -552,11 +552,22 @@ class RegistryState:
 
     def _checkpoint_leases(self, cmd: CheckpointLeases) -> dict:
         rows = [_lease_row(entry) for entry in _entries(cmd.entries)]
+        at = _number(cmd.at, "at")
+        if at > 0:
+            self._conn.execute(
+                "INSERT INTO meta (key, value) VALUES ('leader_pulse', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)", [at])
         cur = self._conn.executemany(
             "UPDATE nodes SET lease_deadline = ?, last_heartbeat = ? WHERE id = ?", rows)
         return {"updated": max(cur.rowcount, 0)}
 
     # ------------------------------------------------------------ reads
+
+    @_serialized
+    def leader_pulse(self) -> float | None:
+        """The `at` of the newest lease checkpoint applied (CheckpointLeases),
+        None if none carried one."""
+        return self._scalar("SELECT value FROM meta WHERE key = 'leader_pulse'", [])
 
     @_serialized
     def get_node(self, node_id: str) -> dict:
@@ -804,6 +815,9 @@ class RegistryState:
             marks = ", ".join("?" * len(names))
             plan.append((f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows))
         session_rows = _snapshot_sessions(tables)
+        pulse = payload.get("leader_pulse")
+        if pulse is not None and (isinstance(pulse, bool) or not isinstance(pulse, (int, float))):
+            raise ValueError("registry snapshot: leader_pulse is not a number")
         try:
             with self._transaction():
                 # Children first; the foreign keys stay enforced throughout.
@@ -815,6 +829,10 @@ class RegistryState:
                 self._conn.executemany(f"INSERT INTO sessions ({_SESSION_COLUMNS}) VALUES (?, ?, ?)",
                                        session_rows)
                 self._conn.execute("UPDATE meta SET value = ? WHERE key = 'applied_index'", [index])
+                self._conn.execute("DELETE FROM meta WHERE key = 'leader_pulse'")
+                if pulse is not None:
+                    self._conn.execute(
+                        "INSERT INTO meta (key, value) VALUES ('leader_pulse', ?)", [pulse])
         except sqlite3.IntegrityError as exc:
             raise ValueError(f"registry snapshot violates the schema: {exc}") from None
         finally:
@@ -1101,12 +1119,15 @@ def _snapshot_of(conn: sqlite3.Connection) -> bytes:
                                 "ORDER BY request_id").fetchall()
         applied = int(conn.execute(
             "SELECT value FROM meta WHERE key = 'applied_index'").fetchone()[0])
+        pulse = conn.execute("SELECT value FROM meta WHERE key = 'leader_pulse'").fetchone()
     finally:
         conn.execute("COMMIT")
     if sessions:  # absent when empty: such snapshots stay byte-identical to older ones
         tables["sessions"] = {"columns": _SESSION_COLUMNS.split(", "), "rows": sessions}
     payload = {"app": APP, "schema_version": SCHEMA_VERSION,
                "applied_index": applied, "tables": tables}
+    if pulse is not None:  # likewise
+        payload["leader_pulse"] = pulse[0]
     return zlib.compress(orjson.dumps(payload), 6)
 
 
