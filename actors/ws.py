@@ -61,6 +61,11 @@ TLS
     literal). The scheme is part of the address: ws://[::1]:9 and
     wss://[::1]:9 are two links. A TLS handshake that fails is a failed dial
     (backoff, retry), on the accepting side one closed connection.
+    `tls_pin` pins instead: for a peer address it names, the certificate
+    must carry exactly that public key (its SubjectPublicKeyInfo), and no
+    CA, name or date is checked: peers with self-signed certificates whose
+    keys a directory vouches for (TrustNet's nodes, whose registry lists
+    each node's key).
 
 Garbage
     A frame that is binary, is not a well-formed envelope, or is larger than
@@ -79,18 +84,22 @@ Tasks
 from __future__ import annotations
 
 import functools
+import hmac
 import ipaddress
 import logging
 import math
 import random
 import socket
 import ssl
+from collections.abc import Callable
 from typing import Literal
 from urllib.parse import urlsplit
 
 import orjson
 import trio
 import trio_websocket
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 from trio_websocket import (
     CloseReason,
     ConnectionClosed,
@@ -367,6 +376,7 @@ class WebsocketTransport:
         secret: bytes | None = None,
         tls_server: ssl.SSLContext | None = None,
         tls_client: ssl.SSLContext | None = None,
+        tls_pin: Callable[[str], bytes | None] | None = None,
     ):
         """
         host:      the interface to listen on; "::" listens on every IPv6
@@ -391,6 +401,9 @@ class WebsocketTransport:
                    certificate loaded); the address is then wss://.
         tls_client: what wss:// peers' certificates are checked against;
                    None: the system's trust store.
+        tls_pin:   address -> the DER SubjectPublicKeyInfo a wss:// peer's
+                   certificate must carry (checked instead of tls_client),
+                   or None for that address (checked against tls_client).
         """
         self.host = host
         self.port = port
@@ -408,6 +421,8 @@ class WebsocketTransport:
         self._secret = secret
         self._tls_server = tls_server
         self._tls_client = tls_client
+        self._tls_pin = tls_pin
+        self._tls_pinning: ssl.SSLContext | None = None
 
         self._sock: socket.socket | None = self._bind()
         self.port = self._sock.getsockname()[1]
@@ -816,13 +831,22 @@ class WebsocketTransport:
 
     async def _tls_handshake(self, tcp: trio.SocketStream, link: _Link) -> trio.SSLStream:
         """TLS over a dialled TCP stream, the peer's certificate checked for
-        the link's host; closes the TCP stream if the handshake fails."""
-        if self._tls_client is None:
-            self._tls_client = ssl.create_default_context()
-        stream = trio.SSLStream(tcp, self._tls_client, server_hostname=link.host,
-                                https_compatible=True)
+        the link's host, or for the key pinned for its address; closes the
+        TCP stream if the handshake or the check fails."""
+        pin = self._tls_pin(link.peer) if self._tls_pin is not None else None
+        if pin is not None:
+            if self._tls_pinning is None:
+                self._tls_pinning = pinning_context()
+            context = self._tls_pinning
+        else:
+            if self._tls_client is None:
+                self._tls_client = ssl.create_default_context()
+            context = self._tls_client
+        stream = trio.SSLStream(tcp, context, server_hostname=link.host, https_compatible=True)
         try:
             await stream.do_handshake()
+            if pin is not None:
+                check_pin(stream.getpeercert(binary_form=True), pin, link.peer)
         except BaseException:
             await trio.aclose_forcefully(tcp)
             raise
@@ -1023,6 +1047,38 @@ def _speaks_for(sender: str, peer: str) -> bool:
         return normalize_address(address) == peer
     except ValueError:
         return False
+
+
+class PinMismatch(ssl.SSLError):
+    """A pinned peer's certificate carries another key."""
+
+
+def pinning_context() -> ssl.SSLContext:
+    """A client context for pinned peers: TLS 1.3, no CA, name or date
+    check (check_pin does the checking, after the handshake)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def certificate_key(der: bytes) -> bytes:
+    """The DER SubjectPublicKeyInfo of a DER certificate."""
+    return x509.load_der_x509_certificate(der).public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def check_pin(der: bytes | None, pin: bytes, peer: str) -> None:
+    """trio.BrokenResourceError (caused by PinMismatch: a failed TLS dial)
+    unless certificate `der` carries the public key `pin`."""
+    try:
+        ok = der is not None and hmac.compare_digest(certificate_key(der), pin)
+    except ValueError:
+        ok = False
+    if not ok:
+        cause = PinMismatch(f"{peer}'s certificate does not carry the key pinned for it")
+        raise trio.BrokenResourceError(str(cause)) from cause
 
 
 def _check_origin(peer: str, ws: WebSocketConnection) -> None:

@@ -289,7 +289,8 @@ def run_real(args: argparse.Namespace, python: str) -> None:
             data.mkdir()
             env.update(NODE_NAME=name, REGISTRY_WS=ws, REGISTRY_URL=f"http://[{HOST}]:{http_port}",
                        NODE_LISTEN_PORT="0", NODE_ADVERTISE=ipv6[name], NODE_DATA_DIR=str(data),
-                       NODE_HTTP_PORT="0", LOG_LEVEL="info")
+                       NODE_HTTP_PORT="0", LOG_LEVEL="info",
+                       PEERS_TLS="true" if args.tls else "false")
             p = Proc(name, [python, "-m", "trustnet.cli", "node"], env, workdir)
             procs.append(p)
             nodes.append(p)
@@ -708,6 +709,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="smoke run: 10 real nodes and 5 broadcasts; simulation of 50 and 200")
     p.add_argument("--skip-real", action="store_true")
     p.add_argument("--skip-sim", action="store_true")
+    p.add_argument("--tls", action="store_true",
+                   help="real nodes link over TLS (PEERS_TLS: self-signed, pinned keys)")
     p.add_argument("--nodes", type=int, help="real node processes (default 50; 10 quick)")
     p.add_argument("--broadcasts", type=int, help="real broadcasts (default 30; 5 quick)")
     p.add_argument("--poll-threads", type=int, default=16, help="threads for /peers polls")

@@ -92,6 +92,12 @@ class NodeIdentity:
             f.write(pem)
         return identity
 
+    @property
+    def private_key(self) -> Ed25519PrivateKey:
+        """For what must sign with it directly (the node's self-signed TLS
+        certificate, trustnet.tls.peer_server_context)."""
+        return self._key
+
     def sign(self, data: bytes) -> str:
         return b64(self._key.sign(data))
 

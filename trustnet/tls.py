@@ -21,6 +21,7 @@ import attrs
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 __all__ = ["Certificates", "EncryptedKey", "MAX_DAYS", "client_context", "make_certificates",
@@ -51,6 +52,64 @@ def client_context(ca_file: str | None = None) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=ca_file)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     return context
+
+
+# ------------------------------------------------------------ node links
+#
+# Nodes' links to each other: each node serves wss:// with a certificate it
+# signs itself for its identity key (Ed25519), and a dialler pins the key
+# the registry lists for the node it dials (actors.ws, tls_pin): no CA, and
+# nothing to issue, rotate or mount; the registry's binding of names to keys
+# is what vouches for a peer, as it already does in the link handshake.
+
+PEER_CERT_FILE = "node-tls.crt"
+
+
+def peer_certificate(key: Ed25519PrivateKey, node_id: str, ipv6: str) -> bytes:
+    """A self-signed certificate (PEM) for a node's identity key, naming the
+    node and its address (for people reading it: dialers check the key)."""
+    now = datetime.datetime.now(datetime.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, node_id)])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=MAX_DAYS))
+        .add_extension(x509.SubjectAlternativeName(
+            [x509.IPAddress(ipaddress.ip_address(ipv6))]), critical=False)
+        .sign(key, None)  # Ed25519 signs without a separate hash
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def peer_server_context(key: Ed25519PrivateKey, key_file: str, node_id: str, ipv6: str,
+                        data_dir: str) -> ssl.SSLContext:
+    """The context a node's wss:// listener presents: a fresh self-signed
+    certificate for `key` (its PEM in `key_file`), written to
+    `data_dir/PEER_CERT_FILE` (ssl loads certificates from files only). TLS
+    1.3: Ed25519 signatures in the handshake."""
+    path = os.path.join(data_dir, PEER_CERT_FILE)
+    with open(path, "wb") as f:
+        f.write(peer_certificate(key, node_id, ipv6))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    context.load_cert_chain(path, key_file, password=_no_pass_phrase)
+    return context
+
+
+def peer_pin(public_key: str) -> bytes:
+    """The DER SubjectPublicKeyInfo of a node key as the registry lists it
+    (base64url of the raw Ed25519 key): what actors.ws pins. ValueError if
+    it is not one."""
+    from trustnet.identity import IdentityError, public_key_from_text
+    try:
+        key = public_key_from_text(public_key)
+    except IdentityError as exc:
+        raise ValueError(str(exc)) from None
+    return key.public_bytes(serialization.Encoding.DER,
+                            serialization.PublicFormat.SubjectPublicKeyInfo)
 
 
 MAX_DAYS = 36_500

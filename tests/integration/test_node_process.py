@@ -207,6 +207,35 @@ async def test_a_broadcast_reaches_every_other_node_once(cluster):
     assert await cluster.received(n2, second) == []
 
 
+async def test_links_over_tls_pin_each_peers_registered_key(cluster):
+    """peers.tls: every node serves wss:// with a certificate it signs itself
+    for its identity key, and dials its peers pinning the key the registry
+    lists for them (no CA to run). The mesh forms and carries broadcasts and
+    direct messages as over ws://; a node without TLS cannot link to them."""
+    await cluster.start_registry()
+    tls = {"peers": {"tls": True}}
+    nodes = [await cluster.start_node(f"n{i}", config=tls) for i in (1, 2, 3)]
+    assert all(n.mesh_address.startswith("wss://[") for n in nodes), [n.mesh_address for n in nodes]
+    await cluster.full_mesh()
+    for node in nodes:
+        for peer in (await cluster.node_peers(node)).values():
+            assert peer["address"] == cluster.nodes[peer["id"]].mesh_address
+    n1, n2, n3 = nodes
+    resp = await cluster.http.post(n1.api_url + "/broadcast", json={"payload": "over tls"})
+    assert resp.status_code == 202, resp.text
+    for node in (n2, n3):
+        await eventually(lambda node=node: cluster.received(node, resp.json()["id"]),
+                         f"{node.node_id} receives the broadcast over TLS")
+    resp = await cluster.http.post(n3.api_url + "/send/n1", json={"payload": "direct"})
+    assert resp.status_code in (200, 202), resp.text
+    await eventually(lambda: cluster.received(n1, resp.json()["id"]), "n1 gets the direct message")
+    # A plain node is listed with the others but cannot link to them (nor they to it).
+    plain = await cluster.start_node("n4", config={"peers": {"max_connections": 3}})
+    await trio.sleep(3.0)
+    assert await cluster.node_peers(plain) == {}
+    assert "n4" not in await cluster.node_peers(n1)
+
+
 async def test_cli_peers_broadcast_send_and_messages(cluster):
     n1, n2, n3 = await cluster.start()
     await cluster.full_mesh()

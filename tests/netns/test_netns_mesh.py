@@ -195,6 +195,7 @@ class Mesh:
         self.registry_host: Host | None = None
         self.nodes: dict[str, NsProcess] = {}
         self.hosts: dict[str, Host] = {}
+        self.tls = False  # links between nodes over TLS (PEERS_TLS)
 
     # ------------------------------------------------------------ processes
 
@@ -253,6 +254,7 @@ class Mesh:
             "NODE_HTTP_PORT": str(NODE_API),
             "REGISTRY_WS": f"ws://[{REGISTRY_ADDR}]:{REGISTRY_WS}",
             "REGISTRY_URL": f"http://[{REGISTRY_ADDR}]:{REGISTRY_HTTP}",
+            "PEERS_TLS": "true" if self.tls else "false",
         })
         config = self.node_config(label, max_connections=max_connections,
                                   rotate_interval=rotate_interval,
@@ -330,8 +332,8 @@ async def mesh(network, tmp_path, request):
     yield m
 
 
-def node_address(name: str) -> str:
-    return f"ws://[{ula_for(name)}]:{NODE_PORT}"
+def node_address(name: str, tls: bool = False) -> str:
+    return f"{'wss' if tls else 'ws'}://[{ula_for(name)}]:{NODE_PORT}"
 
 
 async def wait_links(mesh: Mesh, nodes: list[str], *, at_least: int, at_most: int,
@@ -345,18 +347,21 @@ async def wait_links(mesh: Mesh, nodes: list[str], *, at_least: int, at_most: in
                 f"{node} has {len(peers)} links {sorted(peers)}, want {at_least}..{at_most}"
             for peer, info in peers.items():
                 assert peer in nodes, f"{node} is linked to {peer}"
-                assert info["address"] == node_address(peer), (node, info)
+                assert info["address"] == node_address(peer, mesh.tls), (node, info)
                 assert node in links[peer], f"{node} lists {peer} but {peer} does not list {node}"
         return links
     return await eventually(check, what="links", timeout=timeout)
 
 
 @needs_registry_ws
-async def test_mesh_forms_registers_and_broadcasts(mesh):
+@pytest.mark.parametrize("tls", [False, True], ids=["ws", "wss"])
+async def test_mesh_forms_registers_and_broadcasts(mesh, tls):
     """Five nodes on five hosts register with their ULAs and keys, each reaches
     its target link count (max_connections 4 in a mesh of five: every other
     node), the registry's peers table follows the links, and a broadcast
-    reaches every node exactly once."""
+    reaches every node exactly once. With TLS between the nodes (each pins
+    its peers' registered keys) the same, over wss://."""
+    mesh.tls = tls
     await mesh.start()
 
     async def all_registered() -> dict[str, dict]:

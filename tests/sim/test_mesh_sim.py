@@ -882,3 +882,47 @@ async def test_a_node_dials_its_candidates_in_the_registrys_order(
     for node, chosen in dials.items():
         ranked = [n for n in cluster.registry.order if n != node]
         assert set(chosen[:2]) <= set(ranked[:8]), (node, chosen)
+
+
+async def test_a_send_answers_within_the_request_timeout_when_the_dial_hangs(
+        seeded, autojump_clock):
+    """Send opened its link on demand within the request: a registry lookup,
+    a hello and a proof, each up to request_timeout, so up to 3-4 of them,
+    while the local API gave up after 10 s: the client heard "timeout" and
+    the message went out later anyway (a retry then sent it twice). Now the
+    request waits request_timeout at most, then sends over what it has; the
+    dial goes on."""
+    from trustnet.node.messages import Send
+
+    cluster = Cluster(seed=3, n=3, max_connections=2)
+    async with trio.open_nursery() as nursery:
+        await cluster.start(nursery)
+        await settle(cluster, cluster.names, limit=60)
+        a, b, _ = cluster.names
+        ma, mb = cluster.mesh(a), cluster.mesh(b)
+        await ma._close(b, "test", notify=True)
+        ma.backoff[b] = mb.backoff[a] = (0, trio.current_time() + 3600)  # no redial
+        await trio.sleep(1.0)
+        real_hello = mb._on_hello
+
+        async def slow_hello(hello):  # b takes its time (its registry is slow, say)
+            await trio.sleep(0.8 * mb.p.request_timeout)
+            return await real_hello(hello)
+
+        real_proof = mb._on_proof
+
+        async def slow_proof(proof):  # to the proof as well
+            await trio.sleep(0.8 * mb.p.request_timeout)
+            return await real_proof(proof)
+
+        mb._on_hello, mb._on_proof = slow_hello, slow_proof
+        started = trio.current_time()
+        answer = await cluster.contexts[a].system.ref("mesh").ask(Send(b, '"hi"'), timeout=60)
+        assert trio.current_time() - started <= ma.p.request_timeout + 0.1  # simulated time
+        # over the link being proved (b takes it once the proof is through),
+        # or flooded through the third node: either way, once
+        assert answer["route"] in ("link", "flood")
+        await trio.sleep(5.0)
+        assert cluster.inbox_count(b, answer["id"]) == 1
+        assert a in mb.links  # the dial went on after the answer
+        nursery.cancel_scope.cancel()

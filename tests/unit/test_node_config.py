@@ -58,6 +58,8 @@ def test_registry_ws_lists_the_replicas_in_order(tmp_path):
      "node.yaml: registry.ca_file: is only used for a wss:// registry"),
     ("node:\n  id: a\n", {"REGISTRY_WS": "wss://[::1]:1,ws://[::1]:2"},
      "environment variable REGISTRY_WS: registry.ws: mixes ws:// and wss://"),
+    ("node:\n  id: a\n", {"PEERS_TLS": "maybe"}, "environment variable PEERS_TLS: peers.tls:"),
+    ("node:\n  id: a\npeers:\n  tls: sometimes\n", {}, "node.yaml: peers.tls:"),
 ])
 def test_bad_config_names_source_and_field(tmp_path, text, env, expect):
     with pytest.raises(ConfigError) as info:
@@ -82,3 +84,18 @@ def test_a_registry_with_tls_is_dialled_wss_and_checked_against_ca_file(tmp_path
                          {"REGISTRY_WS": "wss://[FD10::1]:8001", "REGISTRY_CA_FILE": files["ca.pem"]})
     assert c.registry_addresses == ("wss://[fd10::1]:8001",)
     assert c.registry.ca_file == files["ca.pem"]
+
+
+@pytest.mark.parametrize("registry_ws, setting, expect", [
+    ("ws://[::1]:8001", None, "ws"), ("wss://[::1]:8001", None, "wss"),  # as the registry
+    ("ws://[::1]:8001", "true", "wss"), ("wss://[::1]:8001", "false", "ws"),
+])
+def test_peer_links_follow_the_registry_unless_peers_tls_says(tmp_path, registry_ws, setting,
+                                                               expect):
+    from trustnet.node.context import NodeParams
+
+    env = {"REGISTRY_WS": registry_ws}
+    if setting is not None:
+        env["PEERS_TLS"] = setting
+    c = load_node_config(write(tmp_path, "node:\n  id: a\n"), env)
+    assert NodeParams.from_config(c, port=9000).peer_scheme == expect

@@ -1077,3 +1077,58 @@ def test_advertising_the_wrong_scheme_is_refused(tls_files):
         WebsocketTransport("::1", 0, advertise="ws://[::1]:9", **tls_options(tls_files))
     with pytest.raises(ValueError, match="no TLS"):
         WebsocketTransport("::1", 0, advertise="wss://[::1]:9")
+
+
+@pytest.fixture
+def node_keys(tmp_path):
+    """Two Ed25519 node identities with their key files (as a node keeps them)."""
+    from trustnet.identity import NodeIdentity
+
+    out = {}
+    for name in ("a", "b"):
+        out[name] = NodeIdentity.load_or_create(tmp_path / name)
+    return out
+
+
+def peer_tls(identity, data_dir) -> "ssl.SSLContext":
+    from trustnet.tls import peer_server_context
+
+    return peer_server_context(identity.private_key, str(data_dir / "node.key"), "n", "::1",
+                               str(data_dir))
+
+
+@pytest.mark.parametrize("case", ["registered key", "another key"])
+async def test_a_pinned_peer_must_present_the_key_it_is_listed_with(
+        nodes, node_keys, tmp_path, case, caplog):
+    """Nodes' links (peers.tls): the acceptor presents a certificate it signed
+    itself for its identity key; the dialler checks no CA or name, only that
+    the certificate carries the key pinned for that address (the registry's).
+    A listener with any other key, e.g. an impostor at that address, fails
+    the dial with a warning, and nothing is sent to it."""
+    from trustnet.tls import peer_pin
+
+    caplog.set_level(logging.DEBUG, logger="actors.ws")
+    served = "a" if case == "registered key" else "b"
+    server = await nodes(tls_server=peer_tls(node_keys[served], tmp_path / served))
+    assert server.address.startswith("wss://")
+    pinned = {server.address: peer_pin(node_keys["a"].public_key)}
+    client = await nodes(unreachable_after=1.0, tls_pin=pinned.get)
+    if case == "registered key":
+        assert await client.ref("echo", server.address).ask(Echo("x"), timeout=BOUND) == "echo:x"
+        return
+    with pytest.raises(Unreachable):
+        await client.ref("recorder", server.address).tell(Record("secret"))
+    warned = [r for r in caplog.records if r.name == "actors.ws" and r.levelno == logging.WARNING]
+    assert [r.getMessage() for r in warned] == ["TLS handshake failed"]
+    assert "does not carry the key pinned for it" in warned[0].error
+    assert await server.ref("recorder", server.address).ask(Recorded(), timeout=BOUND) == []
+
+
+async def test_an_address_without_a_pin_is_checked_against_the_ca(nodes, node_keys, tmp_path):
+    """A self-signed node certificate is only accepted through its pin: to a
+    dialler that has no pin for the address (not a peer the registry listed)
+    it is an untrusted certificate."""
+    server = await nodes(tls_server=peer_tls(node_keys["a"], tmp_path / "a"))
+    client = await nodes(unreachable_after=1.0, tls_pin=lambda address: None)
+    with pytest.raises(Unreachable, match="CERTIFICATE_VERIFY_FAILED"):
+        await client.ref("echo", server.address).ask(Echo("x"), timeout=BOUND)

@@ -5,7 +5,10 @@
               wss:// for a registry with TLS), ca_file (what its certificate
               is checked against), heartbeat_interval, startup_timeout,
               unreachable_timeout
-    peers:    max_connections, peer_timeout, rotate_interval
+    peers:    max_connections, peer_timeout, rotate_interval, tls (links to
+              peers over wss://, each node's self-signed certificate pinned
+              to the key the registry lists for it; default: when the
+              registry is wss://)
     http:     host, port (the local API)
     logging:  level, format
 
@@ -68,6 +71,9 @@ class PeersSection:
     max_connections: PositiveInt = PositiveInt(10)
     peer_timeout: Duration = Duration(60.0)
     rotate_interval: Duration = Duration(300.0)
+    # Links to peers over TLS (wss://); None: when the registry is wss://.
+    # Every node of a mesh must agree (the scheme is part of each address).
+    tls: bool | None = None
 
 
 @attrs.frozen
@@ -118,6 +124,11 @@ class NodeConfig:
         from actors.ws import is_tls
         return any(is_tls(address) for address in self.registry_addresses)
 
+    @property
+    def peers_tls(self) -> bool:
+        """Whether links to peers are TLS (peers.tls, else as the registry)."""
+        return self.registry_tls if self.peers.tls is None else self.peers.tls
+
 
 NODE_ENV_VARS: Mapping[str, str] = types.MappingProxyType({
     "NODE_NAME": "node.id",
@@ -127,6 +138,7 @@ NODE_ENV_VARS: Mapping[str, str] = types.MappingProxyType({
     "REGISTRY_URL": "registry.url",
     "REGISTRY_WS": "registry.ws",
     "REGISTRY_CA_FILE": "registry.ca_file",
+    "PEERS_TLS": "peers.tls",
     "NODE_HTTP_PORT": "http.port",
     "LOG_LEVEL": "logging.level",
     "LOG_FORMAT": "logging.format",

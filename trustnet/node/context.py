@@ -50,6 +50,7 @@ class NodeParams:
     # More replicas of a replicated registry, tried in turn when the current
     # one stops answering (registry.ws lists them, comma-separated).
     registry_fallbacks: tuple[str, ...] = ()
+    peer_scheme: str = "ws"              # "wss": links to peers over TLS (peers.tls)
 
     @property
     def ping_interval(self) -> float:
@@ -72,12 +73,14 @@ class NodeParams:
                    request_timeout=config.registry.request_timeout,
                    max_connections=config.peers.max_connections,
                    peer_timeout=config.peers.peer_timeout,
-                   rotate_interval=config.peers.rotate_interval)
+                   rotate_interval=config.peers.rotate_interval,
+                   peer_scheme="wss" if config.peers_tls else "ws")
 
 
-def node_address(node: dict[str, Any]) -> str:
-    """Where a node (as the registry lists it) is reached: ws://[ipv6]:port."""
-    return normalize_address(format_address(str(node["ipv6"]), int(node["port"])))
+def node_address(node: dict[str, Any], scheme: str = "ws") -> str:
+    """Where a node (as the registry lists it) is reached: ws://[ipv6]:port
+    (wss:// when the mesh's links are TLS)."""
+    return normalize_address(format_address(str(node["ipv6"]), int(node["port"]), scheme))
 
 
 # What a registry replica answers when it cannot serve a node now (cut off

@@ -316,7 +316,7 @@ class MeshActor(Actor):
             if not isinstance(peer, str) or peer == self.me:
                 continue
             try:
-                self.known[peer] = {"address": node_address(cand),
+                self.known[peer] = {"address": node_address(cand, self.p.peer_scheme),
                                     "public_key": cand.get("public_key")}
             except (KeyError, ValueError, TypeError):
                 continue
@@ -339,11 +339,13 @@ class MeshActor(Actor):
             self.dialing[peer] = now
             self.nursery.start_soon(self._dial_task, peer)
 
-    async def _dial_task(self, peer: str) -> None:
+    async def _dial_task(self, peer: str, done: trio.Event | None = None) -> None:
         try:
             await self._dial(peer)
         finally:
             self.dialing.pop(peer, None)
+            if done is not None:
+                done.set()
 
     def _back_off(self, peer: str) -> None:
         failures = self.backoff.get(peer, (0, 0.0))[0] + 1
@@ -415,11 +417,21 @@ class MeshActor(Actor):
         except Refused:
             return None
         try:
-            known = {"address": node_address(node), "public_key": node.get("public_key")}
+            known = {"address": node_address(node, self.p.peer_scheme),
+                     "public_key": node.get("public_key")}
         except (KeyError, ValueError, TypeError):
             return None
         self.known[peer] = known
         return known
+
+    def key_at(self, address: str) -> str | None:
+        """The key the registry lists for the node at `address` (a link
+        address as the transport names it), None if no known peer is there:
+        what a TLS dial to that address pins (trustnet.node.service)."""
+        for known in self.known.values():
+            if known["address"] == address:
+                return known.get("public_key")
+        return None
 
     # ------------------------------------------------------------ accepting
 
@@ -677,16 +689,24 @@ class MeshActor(Actor):
             raise Refused("invalid", "a node does not send to itself")
         msg_id = self._new_id()
         if target not in self.links:
-            if await self._lookup(target) is None:
-                raise Refused("not_found", f"the registry lists no node {target!r}")
-            # A link on demand only with room for it (else the message is
-            # flooded toward its target) and not beside a dial to the target
-            # already under way (two would spoil each other's handshake).
-            if target not in self.dialing and self.occupied < self.p.max_connections:
-                try:
-                    await self._dial(target)
-                finally:
-                    self.dialing.pop(target, None)
+            # All of it within request_timeout (the local API waits longer):
+            # a send the client was told timed out must not go out later.
+            with trio.move_on_after(self.p.request_timeout) as budget:
+                if await self._lookup(target) is None:
+                    raise Refused("not_found", f"the registry lists no node {target!r}")
+                # A link on demand only with room for it (else the message is
+                # flooded toward its target) and not beside a dial to the
+                # target already under way (two would spoil each other's
+                # handshake). The dial runs on its own: if it outlasts the
+                # budget the message is flooded, and the link still opens.
+                if target not in self.dialing and self.occupied < self.p.max_connections:
+                    self.dialing[target] = trio.current_time()
+                    dialled = trio.Event()
+                    self.nursery.start_soon(self._dial_task, target, dialled)
+                    await dialled.wait()
+            if budget.cancelled_caught:
+                log.debug("no link to the target in time, flooding",
+                          extra={"peer": target, "seconds": self.p.request_timeout})
         info = self.links.get(target)
         if info is not None and self._tell_peer_mesh(
                 info.address, Direct(msg_id, self.me, target, msg.payload)):

@@ -17,10 +17,13 @@ import trio
 
 from actors import ActorSystem
 from actors.ws import WebsocketTransport
-from trustnet.identity import IdentityError, NodeIdentity
+import os
+import ssl
+
+from trustnet.identity import KEY_FILE, IdentityError, NodeIdentity
 from trustnet.logs import hypercorn_logging
 from trustnet.signals import watch_signals
-from trustnet.tls import client_context
+from trustnet.tls import client_context, peer_pin, peer_server_context
 
 from .config import NodeConfig
 from .context import NodeContext, NodeParams
@@ -47,14 +50,36 @@ async def serve(config: NodeConfig) -> int:
         log.critical("cannot load the node key", extra={"data_dir": config.data_dir,
                                                         "error": str(exc)})
         return EXIT_FAILURE
+    node: NodeContext | None = None
+
+    def pin(address: str) -> bytes | None:
+        """A peer's address -> the key its certificate must carry: the one
+        the registry lists for the node there (None: not a known peer, so
+        the certificate is checked against the registry's CA instead)."""
+        mesh = node.actors.get("mesh") if node is not None else None
+        key = mesh.key_at(address) if mesh is not None else None
+        try:
+            return peer_pin(key) if key else None
+        except ValueError:
+            return None
+
     try:
-        # Peers' links are plain ws:// (the handshake proves both keys); a
-        # registry with TLS is dialled wss:// and checked against ca_file
+        # A registry with TLS is dialled wss:// and checked against ca_file
         # (else the system's store, read now rather than on the first dial).
+        # With peers.tls (the default when the registry is TLS) peers' links
+        # are wss:// too: this node presents a certificate it signs itself
+        # for its identity key, and pins each peer's registered key.
+        tls_server = None
+        if config.peers_tls:
+            tls_server = peer_server_context(identity.private_key,
+                                             os.path.join(config.data_dir, KEY_FILE),
+                                             config.node_id, config.advertise_ipv6,
+                                             config.data_dir)
         transport = WebsocketTransport(
             config.node.listen_host, config.node.listen_port, advertise=config.advertise_ipv6,
-            tls_client=client_context(config.registry.ca_file) if config.registry_tls else None)
-    except OSError as exc:
+            tls_client=client_context(config.registry.ca_file) if config.registry_tls else None,
+            tls_server=tls_server, tls_pin=pin if config.peers_tls else None)
+    except (OSError, ssl.SSLError) as exc:
         log.critical("cannot listen for peers", extra={"port": config.node.listen_port,
                                                        "error": str(exc)})
         return EXIT_FAILURE
@@ -67,7 +92,10 @@ async def serve(config: NodeConfig) -> int:
     shutdown = trio.Event()
     http_started, http_done, tree_done = False, trio.Event(), trio.Event()
     tree_scope = trio.CancelScope()
-    app = create_app(system.ref("mesh"), system.ref(HEARTBEAT_ACTOR), node.node_id)
+    # Longer than anything the mesh does for a request (a send that opens a
+    # link takes up to request_timeout), so no answer comes after a timeout.
+    app = create_app(system.ref("mesh"), system.ref(HEARTBEAT_ACTOR), node.node_id,
+                     ask_timeout=max(10.0, node.params.request_timeout + 5.0))
 
     async def run_tree(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         nonlocal code
