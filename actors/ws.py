@@ -14,6 +14,15 @@ Framing
     connection carries traffic both ways: replies (and any other send) to the
     dialler go back over it, and nobody dials a peer it is already linked to.
 
+Identity
+    A dialler may put an "identity" in its hello (`hello_identity`: what
+    proves who it is, e.g. a signature by its key over both addresses), and
+    an acceptor given `check_identity` refuses a connection whose hello's
+    identity does not check out for the address it claims, before the
+    connection carries anything. TrustNet's nodes do (with TLS): together
+    with the pinned certificate of the acceptor, both ends of every
+    connection are then authenticated, not only the acceptor.
+
 Trust
     A transport built with a `secret` (shared by a group of processes, e.g.
     the replicas of one registry) puts a proof of it in every hello it sends
@@ -91,7 +100,7 @@ import math
 import random
 import socket
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Literal
 from urllib.parse import urlsplit
 
@@ -203,10 +212,12 @@ def normalize_address(address: str) -> str:
 
 # ---------------------------------------------------------------- frames
 
-def hello_frame(address: str, proof: dict | None = None) -> str:
-    hello = {"hello": address, "version": HELLO_VERSION}
+def hello_frame(address: str, proof: dict | None = None, identity: object = None) -> str:
+    hello: dict[str, object] = {"hello": address, "version": HELLO_VERSION}
     if proof is not None:
         hello["proof"] = proof
+    if identity is not None:
+        hello["identity"] = identity
     return orjson.dumps(hello).decode()
 
 
@@ -215,10 +226,10 @@ def parse_hello(frame: str | bytes) -> str:
     return read_hello(frame)[0]
 
 
-def read_hello(frame: str | bytes) -> tuple[str, object]:
-    """The dialler's (normalised) address and its proof of the shared secret
-    (None if it gave none; see actors.linkauth); ProtocolError if the frame
-    is not a hello."""
+def read_hello(frame: str | bytes) -> tuple[str, object, object]:
+    """The dialler's (normalised) address, its proof of the shared secret
+    (None if it gave none; see actors.linkauth) and its identity (None if
+    none; see `check_identity`); ProtocolError if the frame is not a hello."""
     if not isinstance(frame, str):
         raise ProtocolError("the hello must be a text frame")
     try:
@@ -226,16 +237,16 @@ def read_hello(frame: str | bytes) -> tuple[str, object]:
     except orjson.JSONDecodeError as exc:
         raise ProtocolError(f"the hello is not JSON: {exc}") from None
     if not isinstance(data, dict) or not {"hello", "version"} <= set(data) <= {
-            "hello", "version", "proof"}:
+            "hello", "version", "proof", "identity"}:
         raise ProtocolError('the hello must be {"hello": "ws://...", "version": 1}'
-                            ' (and an optional "proof")')
+                            ' (and an optional "proof" and "identity")')
     version, address = data["version"], data["hello"]
     if type(version) is not int or version != HELLO_VERSION:
         raise ProtocolError(f"unsupported hello version {version!r} (want {HELLO_VERSION})")
     if not isinstance(address, str):
         raise ProtocolError("the hello address must be a string")
     try:
-        return normalize_address(address), data.get("proof")
+        return normalize_address(address), data.get("proof"), data.get("identity")
     except ValueError as exc:
         raise ProtocolError(f"bad hello address: {exc}") from None
 
@@ -377,6 +388,8 @@ class WebsocketTransport:
         tls_server: ssl.SSLContext | None = None,
         tls_client: ssl.SSLContext | None = None,
         tls_pin: Callable[[str], bytes | None] | None = None,
+        hello_identity: Callable[[str], object] | None = None,
+        check_identity: Callable[[str, object], Awaitable[None]] | None = None,
     ):
         """
         host:      the interface to listen on; "::" listens on every IPv6
@@ -404,6 +417,12 @@ class WebsocketTransport:
         tls_pin:   address -> the DER SubjectPublicKeyInfo a wss:// peer's
                    certificate must carry (checked instead of tls_client),
                    or None for that address (checked against tls_client).
+        hello_identity: address dialled -> what our hellos carry as
+                   "identity" (JSON), for acceptors that check it.
+        check_identity: awaited with the address an inbound hello claims and
+                   its "identity" (None if it has none) before the
+                   connection is filed; raises ProtocolError to refuse it.
+                   Within hello_timeout.
         """
         self.host = host
         self.port = port
@@ -422,6 +441,8 @@ class WebsocketTransport:
         self._tls_server = tls_server
         self._tls_client = tls_client
         self._tls_pin = tls_pin
+        self._hello_identity = hello_identity
+        self._check_identity = check_identity
         self._tls_pinning: ssl.SSLContext | None = None
 
         self._sock: socket.socket | None = self._bind()
@@ -611,8 +632,16 @@ class WebsocketTransport:
                 self._note_closed(conn, conn.remote, closed.reason)
                 return None
             try:
-                peer, proof = read_hello(frame)
+                peer, proof, identity = read_hello(frame)
                 _check_origin(peer, conn.ws)
+                if self._check_identity is not None:
+                    try:
+                        await self._check_identity(peer, identity)
+                    except (ProtocolError, trio.Cancelled):
+                        raise
+                    except Exception as exc:  # a check that broke refuses, never crashes
+                        raise ProtocolError(f"the hello's identity could not be checked: "
+                                            f"{_describe(exc)}") from None
                 if proof is None:
                     return peer, None
                 if self._proofs is None:
@@ -797,10 +826,12 @@ class WebsocketTransport:
                     stream = await self._tls_handshake(stream, link)
             # We own the TCP stream so that it is closed however the link ends
             # (trio-websocket leaves it open when the peer just vanishes).
-            hello, nonce = self._hello, None
+            hello, nonce, proof = self._hello, None, None
             if self._secret is not None:  # a fresh proof per connection
                 proof = hello_proof(self._secret, self.address, link.peer)
                 hello, nonce = hello_frame(self.address, proof), proof["nonce"]
+            if self._hello_identity is not None:
+                hello = hello_frame(self.address, proof, self._hello_identity(link.peer))
             with collapsed():
                 async with stream, trio.open_nursery() as nursery:
                     with trio.move_on_after(self.connect_timeout) as handshake:

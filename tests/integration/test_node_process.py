@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import secrets
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -229,6 +230,30 @@ async def test_links_over_tls_pin_each_peers_registered_key(cluster):
     resp = await cluster.http.post(n3.api_url + "/send/n1", json={"payload": "direct"})
     assert resp.status_code in (200, 202), resp.text
     await eventually(lambda: cluster.received(n1, resp.json()["id"]), "n1 gets the direct message")
+    # A connection must carry the dialler's signed identity in its hello (TLS
+    # alone does not say who dials): without one, or signed for a name the
+    # registry lists elsewhere, it is closed before it carries anything.
+    import ssl as ssl_module
+
+    from trustnet.identity import NodeIdentity
+    from trustnet.node.handshake import hello_identity
+
+    anyone = ssl_module.SSLContext(ssl_module.PROTOCOL_TLS_CLIENT)
+    anyone.check_hostname, anyone.verify_mode = False, ssl_module.CERT_NONE
+    mark = len(n1.lines)
+    me = f"wss://[{n1.address}]:9"  # the connection comes from n1's address on this host
+    for identity in (None, hello_identity(NodeIdentity.generate(), "n2", me, n1.mesh_address,
+                                          time.time())):
+        async with trio_websocket.open_websocket_url(n1.mesh_address, ssl_context=anyone) as ws:
+            await ws.send_message(hello_frame(me, identity=identity))
+            with pytest.raises(trio_websocket.ConnectionClosed) as closed:
+                with trio.fail_after(WAIT):
+                    await ws.get_message()
+        assert closed.value.reason.code == 1002
+    refusals = [d["error"] for d in n1.lines[mark:] if d.get("message") == "protocol error, closing link"]
+    assert any("signed identity" in e for e in refusals), refusals
+    assert any("the registry lists 'n2' at" in e for e in refusals), refusals
+    assert set(await cluster.node_peers(n1)) == {"n2", "n3"}
     # A plain node is listed with the others but cannot link to them (nor they to it).
     plain = await cluster.start_node("n4", config={"peers": {"max_connections": 3}})
     await trio.sleep(3.0)

@@ -1,5 +1,7 @@
 import random
 
+import pytest
+
 from trustnet.identity import NodeIdentity
 from trustnet.node.flood import Inbox, SeenSet, flood_step
 from trustnet.node.handshake import check_proof, new_challenge, sign_challenge
@@ -120,3 +122,30 @@ def test_the_mesh_forgets_old_backoffs_and_trims_its_peer_cache():
     known["p10"] = {"address": "ws://[::1]:11"}
     trim_known(known, keep={"p3", "p7"}, limit=10)
     assert set(known) == {"p3", "p7"}
+
+
+def test_a_hello_identity_checks_only_for_its_node_addresses_time_and_key():
+    """What a TLS node's hello carries (peer_tls.PeerTLS): the dialler's
+    signature over both addresses and the time."""
+    from trustnet.node.handshake import check_hello_identity, hello_identity, hello_node
+
+    a, other = NodeIdentity.generate(), NodeIdentity.generate()
+    frm, to, now = "wss://[fd10::1]:9000", "wss://[fd10::2]:9000", 1_800_000_000.5
+    ident = hello_identity(a, "a", frm, to, now)
+    assert hello_node(ident) == "a"
+    check_hello_identity(a.public_key, ident, frm, to, now + 59, 60)  # fine
+    with pytest.raises(ValueError, match="not signed by the key"):
+        check_hello_identity(other.public_key, ident, frm, to, now, 60)  # someone else's name
+    with pytest.raises(ValueError, match="not signed by the key"):
+        check_hello_identity(a.public_key, ident, frm, "wss://[fd10::3]:9000", now, 60)  # passed on
+    with pytest.raises(ValueError, match="not signed by the key"):
+        check_hello_identity(a.public_key, ident, "wss://[fd10::4]:9000", to, now, 60)
+    with pytest.raises(ValueError, match="not within 60s"):
+        check_hello_identity(a.public_key, ident, frm, to, now + 61, 60)  # an old one
+    with pytest.raises(ValueError, match="not signed by the key"):
+        check_hello_identity(a.public_key, {**ident, "node": "b"}, frm, to, now, 60)
+    for bad in (None, "a", {"node": "a"}, {**ident, "extra": 1}, {**ident, "node": 3}):
+        with pytest.raises(ValueError, match="signed identity"):
+            hello_node(bad)
+    with pytest.raises(ValueError, match="not within"):
+        check_hello_identity(a.public_key, {**ident, "ts": True}, frm, to, now, 60)

@@ -1132,3 +1132,41 @@ async def test_an_address_without_a_pin_is_checked_against_the_ca(nodes, node_ke
     client = await nodes(unreachable_after=1.0, tls_pin=lambda address: None)
     with pytest.raises(Unreachable, match="CERTIFICATE_VERIFY_FAILED"):
         await client.ref("echo", server.address).ask(Echo("x"), timeout=BOUND)
+
+
+@pytest.mark.parametrize("case", ["accepted", "refused", "check broke", "none given"])
+async def test_an_acceptor_checks_the_identity_in_each_hello(nodes, case, caplog):
+    """check_identity sees the address a hello claims and its identity, and
+    refuses the connection (logged as a protocol error) before it carries
+    anything; a check that breaks refuses too, and the listener serves on."""
+    caplog.set_level(logging.INFO, logger="actors.ws")
+    seen: list[tuple[str, object]] = []
+
+    async def check(address: str, identity: object) -> None:
+        seen.append((address, identity))
+        if case == "check broke":
+            raise RuntimeError("the directory is down")
+        if identity != {"me": address}:
+            raise ProtocolError(f"not who it says: {identity!r}")
+
+    def says(claim: str):  # a hello_identity: "I am <claim>"
+        return lambda to: {"me": claim}
+
+    server = await nodes(check_identity=check)
+    client = await nodes(unreachable_after=1.0)
+    claim = {"accepted": client.address, "refused": "ws://[::1]:1",
+             "check broke": client.address, "none given": None}[case]
+    client.transport._hello_identity = says(claim) if claim else None
+    if case == "accepted":
+        assert await client.ref("echo", server.address).ask(Echo("x"), timeout=BOUND) == "echo:x"
+        assert seen == [(client.address, {"me": client.address})]
+        return
+    with pytest.raises(Unreachable):
+        await client.ref("echo", server.address).ask(Echo("x"), timeout=BOUND)
+    assert seen and seen[0] == (client.address, {"me": claim} if claim else None)
+    reasons = " ".join(str(getattr(r, "error", "")) for r in caplog.records)
+    assert ("could not be checked" if case == "check broke" else "not who it says") in reasons
+    if case != "check broke":  # the listener goes on: a hello that checks out is served
+        good = await nodes()
+        good.transport._hello_identity = says(good.address)
+        assert await good.ref("echo", server.address).ask(Echo("y"), timeout=BOUND) == "echo:y"

@@ -411,6 +411,11 @@ class MeshActor(Actor):
         self._back_off(peer)
         return False
 
+    async def lookup(self, peer: str) -> dict[str, Any] | None:
+        """{"address", "public_key"} of `peer` as the registry lists it now
+        (kept in `known`), None if it lists no such node."""
+        return await self._lookup(peer)
+
     async def _lookup(self, peer: str) -> dict[str, Any] | None:
         try:
             node = await self.node.registry.ask(GetNode(peer), timeout=self.p.request_timeout)

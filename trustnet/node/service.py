@@ -23,11 +23,12 @@ import ssl
 from trustnet.identity import KEY_FILE, IdentityError, NodeIdentity
 from trustnet.logs import hypercorn_logging
 from trustnet.signals import watch_signals
-from trustnet.tls import client_context, peer_pin, peer_server_context
+from trustnet.tls import client_context
 
 from .config import NodeConfig
 from .context import NodeContext, NodeParams
 from .http import create_app
+from .peer_tls import PeerTLS
 from .tree import HEARTBEAT_ACTOR, run_node
 
 log = logging.getLogger("trustnet.node")
@@ -50,41 +51,31 @@ async def serve(config: NodeConfig) -> int:
         log.critical("cannot load the node key", extra={"data_dir": config.data_dir,
                                                         "error": str(exc)})
         return EXIT_FAILURE
-    node: NodeContext | None = None
-
-    def pin(address: str) -> bytes | None:
-        """A peer's address -> the key its certificate must carry: the one
-        the registry lists for the node there (None: not a known peer, so
-        the certificate is checked against the registry's CA instead)."""
-        mesh = node.actors.get("mesh") if node is not None else None
-        key = mesh.key_at(address) if mesh is not None else None
-        try:
-            return peer_pin(key) if key else None
-        except ValueError:
-            return None
-
     try:
         # A registry with TLS is dialled wss:// and checked against ca_file
         # (else the system's store, read now rather than on the first dial).
         # With peers.tls (the default when the registry is TLS) peers' links
-        # are wss:// too: this node presents a certificate it signs itself
-        # for its identity key, and pins each peer's registered key.
-        tls_server = None
+        # are wss:// too, both ends authenticated by their registered keys.
+        peer_tls, peer_options = None, {}
         if config.peers_tls:
-            tls_server = peer_server_context(identity.private_key,
-                                             os.path.join(config.data_dir, KEY_FILE),
-                                             config.node_id, config.advertise_ipv6,
-                                             config.data_dir)
+            peer_tls = PeerTLS(identity, config.node_id, os.path.join(config.data_dir, KEY_FILE),
+                               config.advertise_ipv6, config.data_dir)
+            peer_options = {"tls_server": peer_tls.server, "tls_pin": peer_tls.pin,
+                            "hello_identity": peer_tls.hello,
+                            "check_identity": peer_tls.check}
         transport = WebsocketTransport(
             config.node.listen_host, config.node.listen_port, advertise=config.advertise_ipv6,
             tls_client=client_context(config.registry.ca_file) if config.registry_tls else None,
-            tls_server=tls_server, tls_pin=pin if config.peers_tls else None)
+            # room for the registry lookup of an inbound hello's identity
+            hello_timeout=config.registry.request_timeout + 2.0, **peer_options)
     except (OSError, ssl.SSLError) as exc:
         log.critical("cannot listen for peers", extra={"port": config.node.listen_port,
                                                        "error": str(exc)})
         return EXIT_FAILURE
     system = ActorSystem(transport=transport)
     node = NodeContext(NodeParams.from_config(config, port=transport.port), identity, system)
+    if peer_tls is not None:
+        peer_tls.node = node
     log.info("node starting", extra={"node_id": node.node_id, "address": system.address,
                                      "public_key": identity.public_key,
                                      "registry": node.registry_address})
