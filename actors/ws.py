@@ -415,8 +415,9 @@ class WebsocketTransport:
         tls_client: what wss:// peers' certificates are checked against;
                    None: the system's trust store.
         tls_pin:   address -> the DER SubjectPublicKeyInfo a wss:// peer's
-                   certificate must carry (checked instead of tls_client),
-                   or None for that address (checked against tls_client).
+                   certificate must carry (checked instead of tls_client;
+                   b"": none will do), or None for that address (checked
+                   against tls_client).
         hello_identity: address dialled -> what our hellos carry as
                    "identity" (JSON), for acceptors that check it.
         check_identity: awaited with the address an inbound hello claims and
@@ -1104,11 +1105,12 @@ def check_pin(der: bytes | None, pin: bytes, peer: str) -> None:
     """trio.BrokenResourceError (caused by PinMismatch: a failed TLS dial)
     unless certificate `der` carries the public key `pin`."""
     try:
-        ok = der is not None and hmac.compare_digest(certificate_key(der), pin)
+        ok = bool(pin) and der is not None and hmac.compare_digest(certificate_key(der), pin)
     except ValueError:
         ok = False
     if not ok:
-        cause = PinMismatch(f"{peer}'s certificate does not carry the key pinned for it")
+        cause = PinMismatch(f"{peer}'s certificate does not carry the key pinned for it"
+                            if pin else f"no key is known for {peer}: no certificate will do")
         raise trio.BrokenResourceError(str(cause)) from cause
 
 

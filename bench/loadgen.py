@@ -258,8 +258,9 @@ class _Conn:
         self.sent = 0
 
 
-def _parse(buf: bytes) -> tuple[int, int] | None:
-    """(status, total length) of the first complete response in buf, or None."""
+def _parse(buf: bytes) -> tuple[int, int, bool] | None:
+    """(status, total length, whether the server closes the connection after
+    it) of the first complete response in buf, or None."""
     end = buf.find(b"\r\n\r\n")
     if end < 0:
         return None
@@ -271,7 +272,17 @@ def _parse(buf: bytes) -> tuple[int, int] | None:
     j = head.find(b"\r\n", i + 2)
     length = int(head[i + 17: j if j >= 0 else len(head)])
     total = end + 4 + length
-    return (status, total) if len(buf) >= total else None
+    # hypercorn closes a keep-alive connection after keep_alive_max_requests
+    # (1,000) requests, saying so in that response
+    closing = b"\r\nconnection: close" in head
+    return (status, total, closing) if len(buf) >= total else None
+
+
+def _connect(family: int, host: str, port: int) -> socket.socket:
+    s = socket.socket(family, socket.SOCK_STREAM)
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    s.connect((host, port))
+    return s
 
 
 def _py_worker(job: dict) -> dict:
@@ -299,9 +310,7 @@ def _py_worker(job: dict) -> dict:
         req = next_request()
         if req is None:
             break
-        s = socket.socket(family, socket.SOCK_STREAM)
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        s.connect((host, port))
+        s = _connect(family, host, port)
         c = _Conn(s)
         sel.register(s, selectors.EVENT_READ, c)
         c.sent = time.perf_counter_ns()
@@ -338,7 +347,7 @@ def _py_worker(job: dict) -> dict:
             parsed = _parse(c.buf)
             if parsed is None:
                 continue
-            status, total = parsed
+            status, total, closing = parsed
             done_ns = time.perf_counter_ns()
             lat.append((done_ns - c.sent) // 1000)
             statuses[status] = statuses.get(status, 0) + 1
@@ -352,6 +361,12 @@ def _py_worker(job: dict) -> dict:
                 c.sock.close()
                 active -= 1
                 continue
+            if closing:  # the same connection, opened again
+                sel.unregister(c.sock)
+                c.sock.close()
+                c.sock = _connect(family, host, port)
+                c.buf = b""
+                sel.register(c.sock, selectors.EVENT_READ, c)
             if think:
                 heapq.heappush(waiting, (last + rnd.expovariate(1 / think), id(c), c, req))
                 continue

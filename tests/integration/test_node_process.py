@@ -243,7 +243,7 @@ async def test_links_over_tls_pin_each_peers_registered_key(cluster):
     mark = len(n1.lines)
     me = f"wss://[{n1.address}]:9"  # the connection comes from n1's address on this host
     for identity in (None, hello_identity(NodeIdentity.generate(), "n2", me, n1.mesh_address,
-                                          time.time())):
+                                          n1.public_key, time.time())):
         async with trio_websocket.open_websocket_url(n1.mesh_address, ssl_context=anyone) as ws:
             await ws.send_message(hello_frame(me, identity=identity))
             with pytest.raises(trio_websocket.ConnectionClosed) as closed:

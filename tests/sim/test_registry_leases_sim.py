@@ -56,7 +56,8 @@ class Group:
         return self.replicas[rid].actor.state.has_node(node_id)
 
 
-async def start_group(nursery, net: SimNetwork, tmp_path, *, sweep: float = 0.1) -> Group:
+async def start_group(nursery, net: SimNetwork, tmp_path, *, sweep: float = 0.1,
+                      wall=None) -> Group:
     cfg = ConsensusConfig(io_in_thread=False, propose_timeout=2.0)
     g = Group()
 
@@ -68,7 +69,8 @@ async def start_group(nursery, net: SimNetwork, tmp_path, *, sweep: float = 0.1)
             async with trio.open_nursery() as own:
                 rep = await own.start(run_replica, transport, spec)
                 reg = RegistryActor(rep.actor.state, ttl=TTL, checkpoint_interval=0.5,
-                                    sweep_interval=sweep, heartbeat_interval=HB, clock=clock,
+                                    sweep_interval=sweep, heartbeat_interval=HB,
+                                    clock=wall or clock,
                                     consensus=rep.system.ref("consensus"), propose_timeout=2.0)
                 await rep.system.spawn(own, reg, "registry", mailbox_size=1000)
                 g.replicas[rid], g.regs[rid] = rep, reg
@@ -513,4 +515,28 @@ async def test_a_slow_expiry_commit_is_not_taken_for_a_stall(tmp_path, autojump_
         assert not g.has_row(lead, "silent")
         assert reg.leases.deadline("live") == renewed
         assert not [r for r in caplog.records if "did not run" in r.getMessage()]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_step_back_of_the_clocks_does_not_keep_a_silent_node_in_a_group(
+        tmp_path, autojump_clock, caplog):
+    """Replicated, the leader moved its deadlines but not the stored ones, and
+    an expiry removes a row only once its stored deadline has passed: the
+    expiry did nothing, and the silent node stayed listed for the length of
+    the step."""
+    caplog.set_level(logging.INFO, logger="trustnet.registry")
+    wall = _Clock()
+    net = SimNetwork(9, FaultModel(delay=(0.001, 0.002)))
+    async with trio.open_nursery() as nursery:
+        g = await start_group(nursery, net, tmp_path, wall=wall)
+        await g.ask(g.leader(), m.Register(node_id="silent", ipv6="fd10::1", port=7000))
+        await g.ask(g.leader(), m.Register(node_id="live", ipv6="fd10::2", port=7000))
+        await trio.sleep(HB)
+        wall.offset -= 3600.0  # every replica's clock, one hour back
+        for _ in range(int(3 * TTL / HB)):
+            await g.ask(g.follower(), m.Heartbeat("live"))
+            await trio.sleep(HB)
+        assert not any(g.has_row(r, "silent") for r in g.replicas)
+        assert all(g.has_row(r, "live") for r in g.replicas)
+        assert [r.node_id for r in caplog.records if r.getMessage() == "node expired"] == ["silent"]
         nursery.cancel_scope.cancel()

@@ -126,26 +126,55 @@ def test_the_mesh_forgets_old_backoffs_and_trims_its_peer_cache():
 
 def test_a_hello_identity_checks_only_for_its_node_addresses_time_and_key():
     """What a TLS node's hello carries (peer_tls.PeerTLS): the dialler's
-    signature over both addresses and the time."""
+    signature over both addresses, the key pinned for the acceptor and the
+    time."""
     from trustnet.node.handshake import check_hello_identity, hello_identity, hello_node
 
-    a, other = NodeIdentity.generate(), NodeIdentity.generate()
+    a, b, other = NodeIdentity.generate(), NodeIdentity.generate(), NodeIdentity.generate()
     frm, to, now = "wss://[fd10::1]:9000", "wss://[fd10::2]:9000", 1_800_000_000.5
-    ident = hello_identity(a, "a", frm, to, now)
+    ident = hello_identity(a, "a", frm, to, b.public_key, now)
     assert hello_node(ident) == "a"
-    check_hello_identity(a.public_key, ident, frm, to, now + 59, 60)  # fine
-    with pytest.raises(ValueError, match="not signed by the key"):
-        check_hello_identity(other.public_key, ident, frm, to, now, 60)  # someone else's name
-    with pytest.raises(ValueError, match="not signed by the key"):
-        check_hello_identity(a.public_key, ident, frm, "wss://[fd10::3]:9000", now, 60)  # passed on
-    with pytest.raises(ValueError, match="not signed by the key"):
-        check_hello_identity(a.public_key, ident, "wss://[fd10::4]:9000", to, now, 60)
+
+    def check(key=a.public_key, ident=ident, frm=frm, to=to, to_key=b.public_key, at=now):
+        check_hello_identity(key, ident, frm, to, to_key, at, 60)
+
+    check(at=now + 59)  # fine
+    for wrong in ({"key": other.public_key},  # someone else's name
+                  {"to": "wss://[fd10::3]:9000"},  # passed on to another address
+                  {"to_key": other.public_key},  # to whoever held that address's pin
+                  {"frm": "wss://[fd10::4]:9000"},
+                  {"ident": {**ident, "node": "b"}},
+                  {"key": None}):
+        with pytest.raises(ValueError, match="not signed by the key"):
+            check(**wrong)
     with pytest.raises(ValueError, match="not within 60s"):
-        check_hello_identity(a.public_key, ident, frm, to, now + 61, 60)  # an old one
-    with pytest.raises(ValueError, match="not signed by the key"):
-        check_hello_identity(a.public_key, {**ident, "node": "b"}, frm, to, now, 60)
+        check(at=now + 61)  # an old one
+    with pytest.raises(ValueError, match="not within"):
+        check(ident={**ident, "ts": True})
     for bad in (None, "a", {"node": "a"}, {**ident, "extra": 1}, {**ident, "node": 3}):
         with pytest.raises(ValueError, match="signed identity"):
             hello_node(bad)
-    with pytest.raises(ValueError, match="not within"):
-        check_hello_identity(a.public_key, {**ident, "ts": True}, frm, to, now, 60)
+
+
+def test_peer_tls_pins_only_the_nodes_it_dials_or_links_and_never_a_registry(tmp_path):
+    """A registry replica's certificate is checked against its CA (no pin,
+    and no identity sent to it); a peer's against the key of the node being
+    dialled or linked there; any other address gets a pin no certificate
+    carries, never a CA check (a node that registered at the registry's
+    address could otherwise have its key pinned for it)."""
+    import types
+
+    from trustnet.node.peer_tls import NO_PIN, PeerTLS
+    from trustnet.tls import peer_pin
+
+    me, peer = NodeIdentity.load_or_create(tmp_path), NodeIdentity.generate()
+    tls = PeerTLS(me, "me", str(tmp_path / "node.key"), "fd10::1", str(tmp_path))
+    registry, linked = "wss://[fd10::ffff]:8001", "wss://[fd10::2]:9000"
+    mesh = types.SimpleNamespace(key_at=lambda address: {
+        linked: peer.public_key, registry: peer.public_key}.get(address))
+    tls.node = types.SimpleNamespace(registry_addresses=(registry,), actors={"mesh": mesh},
+                                     system=types.SimpleNamespace(address="wss://[fd10::1]:9000"))
+    assert tls.pin(registry) is None and tls.hello(registry) is None
+    assert tls.pin(linked) == peer_pin(peer.public_key)
+    assert tls.pin("wss://[fd10::3]:9000") == NO_PIN
+    assert tls.hello(linked)["node"] == "me"

@@ -261,16 +261,17 @@ def test_checkpoint_with_a_bad_entry_changes_nothing(state, log):
     assert state.lease_table() == {"a": (T0 + 30, T0)}
 
 
-def test_checkpoints_keep_the_newest_leader_pulse_and_snapshots_carry_it(state, log):
+def test_checkpoints_keep_the_last_leader_pulse_and_snapshots_carry_it(state, log):
     """A new leader learns from it how long the group was down
     (RegistryActor._become_leader); a replica restored from a snapshot must
     know it as well as one that applied the log."""
     assert state.leader_pulse() is None
     log.apply(CheckpointLeases(()))  # written before the pulse existed: no pulse
     assert state.leader_pulse() is None
+    log.apply(CheckpointLeases((), at=T0 + 10))  # a leader whose clock ran ahead
+    log.apply(CheckpointLeases((), at=T0 + 5))  # the next leader's: the last one counts
+    assert state.leader_pulse() == T0 + 5
     log.apply(CheckpointLeases((), at=T0 + 10))
-    log.apply(CheckpointLeases((), at=T0 + 5))  # an older leader's, committed late
-    assert state.leader_pulse() == T0 + 10
     with pytest.raises(Invalid):
         log.apply(CheckpointLeases((), at="soon"))
     other = RegistryState.open(":memory:")

@@ -1170,3 +1170,15 @@ async def test_an_acceptor_checks_the_identity_in_each_hello(nodes, case, caplog
         good = await nodes()
         good.transport._hello_identity = says(good.address)
         assert await good.ref("echo", server.address).ask(Echo("y"), timeout=BOUND) == "echo:y"
+
+
+async def test_an_empty_pin_accepts_no_certificate(nodes, node_keys, tmp_path, caplog):
+    """b"" for an address: no key is known there, so no certificate will do
+    (what a node gives an address it is not dialling a known peer at)."""
+    caplog.set_level(logging.DEBUG, logger="actors.ws")
+    server = await nodes(tls_server=peer_tls(node_keys["a"], tmp_path / "a"))
+    client = await nodes(unreachable_after=1.0, tls_pin=lambda address: b"")
+    with pytest.raises(Unreachable):
+        await client.ref("echo", server.address).ask(Echo("x"), timeout=BOUND)
+    warned = [r for r in caplog.records if r.name == "actors.ws" and r.levelno == logging.WARNING]
+    assert "no key is known" in warned[0].error

@@ -55,15 +55,18 @@ def check_proof(public_key: str | None, signature: str, challenge: str, signer: 
 # passing it on to a third node within the time window.
 
 
-def _hello_bytes(node_id: str, address: str, to: str, ts: float) -> bytes:
+def _hello_bytes(node_id: str, address: str, to: str, to_key: str, ts: float) -> bytes:
     return orjson.dumps({"purpose": HELLO_PURPOSE, "node": node_id, "from": address, "to": to,
-                         "ts": ts}, option=orjson.OPT_SORT_KEYS)
+                         "to_key": to_key, "ts": ts}, option=orjson.OPT_SORT_KEYS)
 
 
-def hello_identity(identity: NodeIdentity, node_id: str, address: str, to: str,
+def hello_identity(identity: NodeIdentity, node_id: str, address: str, to: str, to_key: str,
                    now: float) -> dict:
-    """What a node's hello to `to` carries: {"node", "ts", "sig"}."""
-    return {"node": node_id, "ts": now, "sig": identity.sign(_hello_bytes(node_id, address, to, now))}
+    """What a node's hello to `to` carries: {"node", "ts", "sig"}, the
+    signature also covering `to_key`, the key pinned for `to`: a hello
+    relayed to another holder of that address checks out for no one else."""
+    return {"node": node_id, "ts": now,
+            "sig": identity.sign(_hello_bytes(node_id, address, to, to_key, now))}
 
 
 def hello_node(ident: object) -> str:
@@ -76,14 +79,14 @@ def hello_node(ident: object) -> str:
 
 
 def check_hello_identity(public_key: str | None, ident: dict, address: str, to: str,
-                         now: float, max_skew: float) -> None:
+                         to_key: str, now: float, max_skew: float) -> None:
     """ValueError unless `ident` (hello_node checked it) is its node's
-    signature, under `public_key`, over `address` -> `to` at a time within
-    `max_skew` of `now`."""
+    signature, under `public_key`, over `address` -> `to` (whose key is
+    `to_key`) at a time within `max_skew` of `now`."""
     ts = ident["ts"]
     if isinstance(ts, bool) or not isinstance(ts, (int, float)) or abs(now - ts) > max_skew:
         raise ValueError(f"the hello's time {ts!r} is not within {max_skew:g}s of ours")
     if not public_key or not isinstance(ident["sig"], str) or not verify(
-            public_key, _hello_bytes(ident["node"], address, to, ts), ident["sig"]):
+            public_key, _hello_bytes(ident["node"], address, to, to_key, ts), ident["sig"]):
         raise ValueError(f"the hello is not signed by the key the registry lists for "
                          f"{ident['node']!r}")

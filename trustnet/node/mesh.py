@@ -106,6 +106,7 @@ class LinkInfo:
     since: float
     serial: int  # this process's count of links opened, told back in LinkLost
     link: str  # `address` as the transport names its link (Letter.sender)
+    key: str | None = None  # the peer's key its handshake checked (what TLS pins)
 
 
 @attrs.define
@@ -137,6 +138,7 @@ class MeshActor(Actor):
         self.hellos_looking_up = 0  # hellos waiting for the registry's answer
         self.backoff: dict[str, tuple[int, float]] = {}  # peer -> (failures, not before)
         self.known: dict[str, dict[str, Any]] = {}  # peer -> {"address", "public_key"}
+        self.dial_keys: dict[str, str] = {}  # address dialled -> the key expected there
         # Kept by the node, not by this instance: a restarted mesh must not
         # deliver floods still in flight again, nor number received messages
         # from 1 again (a client reading /messages?since=N would miss them).
@@ -363,6 +365,15 @@ class MeshActor(Actor):
             if known is None:
                 return False
         address, key = known["address"], known["public_key"]
+        if address in self.dial_keys:  # another dial to that address is under way
+            return False
+        self.dial_keys[address] = key  # what a TLS connection there must present
+        try:
+            return await self._handshake(peer, address, key)
+        finally:
+            self.dial_keys.pop(address, None)
+
+    async def _handshake(self, peer: str, address: str, key: str) -> bool:
         remote = self.node.system.ref(MESH_ACTOR, address)
         challenge = new_challenge(self.challenges)
         timeout = self.p.request_timeout
@@ -384,7 +395,7 @@ class MeshActor(Actor):
                 # this handshake times out unproved.
                 log.debug("no room left for a dialled link", extra={"peer": peer})
                 return False
-            mine = await self._open_link(peer, address, "out")
+            mine = await self._open_link(peer, address, "out", key)
             proof = sign_challenge(self.node.identity, answer.challenge, self.me, self.me, peer)
             await remote.ask(LinkProof(self.me, peer, proof), timeout=timeout)
         except Refused as exc:
@@ -430,12 +441,17 @@ class MeshActor(Actor):
         return known
 
     def key_at(self, address: str) -> str | None:
-        """The key the registry lists for the node at `address` (a link
-        address as the transport names it), None if no known peer is there:
-        what a TLS dial to that address pins (trustnet.node.service)."""
-        for known in self.known.values():
-            if known["address"] == address:
-                return known.get("public_key")
+        """What a TLS connection to `address` must present (peer_tls): the key
+        of the peer this node is dialling there, or has a link with there
+        (the key its handshake checked); None for any other address. Not
+        the `known` cache: anyone can put entries there (a hello names any
+        registered node), and an entry can be stale."""
+        key = self.dial_keys.get(address)
+        if key is not None:
+            return key
+        for info in self.links.values():
+            if info.address == address:
+                return info.key
         return None
 
     # ------------------------------------------------------------ accepting
@@ -539,7 +555,7 @@ class MeshActor(Actor):
             raise Refused("full", f"{self.me!r} has {self.p.max_connections} links already")
         self.accepting.add(peer)
         try:
-            await self._open_link(peer, pending.address, "in")
+            await self._open_link(peer, pending.address, "in", pending.public_key)
         finally:
             self.accepting.discard(peer)
             if self.pending_in.get(peer) is pending:
@@ -550,7 +566,8 @@ class MeshActor(Actor):
 
     # ------------------------------------------------------------ links
 
-    async def _open_link(self, peer: str, address: str, direction: str) -> LinkInfo:
+    async def _open_link(self, peer: str, address: str, direction: str,
+                         key: str | None = None) -> LinkInfo:
         """Start the link's actor (replacing any link to `peer`) and file it.
         Opening and closing hold the table lock: they await the links
         supervisor, and two of them for one peer (a proof and our dial)
@@ -574,7 +591,7 @@ class MeshActor(Actor):
                 await self.links_sup.start_child(spec)
             link = self.node.system.transport.link_address(address)
             info = self.links[peer] = LinkInfo(peer, address, direction, trio.current_time(),
-                                               serial, link)
+                                               serial, link, key)
         self.events.append((trio.current_time(), "open", peer))
         log.info("link opened", extra={"peer": peer, "address": address, "direction": direction,
                                        "links": len(self.links)})
@@ -696,9 +713,11 @@ class MeshActor(Actor):
         if target not in self.links:
             # All of it within request_timeout (the local API waits longer):
             # a send the client was told timed out must not go out later.
+            looked_up = False
             with trio.move_on_after(self.p.request_timeout) as budget:
                 if await self._lookup(target) is None:
                     raise Refused("not_found", f"the registry lists no node {target!r}")
+                looked_up = True
                 # A link on demand only with room for it (else the message is
                 # flooded toward its target) and not beside a dial to the
                 # target already under way (two would spoil each other's
@@ -709,6 +728,9 @@ class MeshActor(Actor):
                     dialled = trio.Event()
                     self.nursery.start_soon(self._dial_task, target, dialled)
                     await dialled.wait()
+            if not looked_up:  # nothing says the target exists: nothing is sent
+                raise Refused("unavailable", f"the registry did not say where {target!r} is "
+                                             f"within {self.p.request_timeout:g}s")
             if budget.cancelled_caught:
                 log.debug("no link to the target in time, flooding",
                           extra={"peer": target, "seconds": self.p.request_timeout})

@@ -62,12 +62,13 @@ async def serve(config: NodeConfig) -> int:
                                config.advertise_ipv6, config.data_dir)
             peer_options = {"tls_server": peer_tls.server, "tls_pin": peer_tls.pin,
                             "hello_identity": peer_tls.hello,
-                            "check_identity": peer_tls.check}
+                            "check_identity": peer_tls.check,
+                            # room for the registry lookup of a hello's identity
+                            "hello_timeout": config.registry.request_timeout + 2.0}
         transport = WebsocketTransport(
             config.node.listen_host, config.node.listen_port, advertise=config.advertise_ipv6,
             tls_client=client_context(config.registry.ca_file) if config.registry_tls else None,
-            # room for the registry lookup of an inbound hello's identity
-            hello_timeout=config.registry.request_timeout + 2.0, **peer_options)
+            **peer_options)
     except (OSError, ssl.SSLError) as exc:
         log.critical("cannot listen for peers", extra={"port": config.node.listen_port,
                                                        "error": str(exc)})

@@ -15,8 +15,11 @@ heartbeats to the leader's RegistryActor (LeaderHeartbeat, or the session
 message marked forwarded; sessions live with the leases); only the leader
 sweeps and checkpoints, through the log, and its expiries carry its term. A
 new leader adopts the stored leases with a bounded grace: max(stored
-deadline, min(election + ttl, last heartbeat + 2 ttl)), so frequent
-elections cannot keep a dead node alive forever.
+deadline, min(election + ttl, last heartbeat + 2 ttl + outage)), so frequent
+elections cannot keep a dead node alive forever; `outage` is how long the
+group had no leader before this one, from the last leader's pulse (every
+checkpoint carries the leader's clock), so nodes are not expired for not
+heartbeating while every replica was down.
 """
 
 from __future__ import annotations

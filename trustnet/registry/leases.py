@@ -108,11 +108,16 @@ class LeaseTable:
 
     def extend(self, seconds: float) -> None:
         """Move every deadline `seconds` later (the registry could not serve
-        heartbeats that long): O(n), for the rare stall, not per renewal."""
+        heartbeats that long, or the clock stepped): O(n), for the rare
+        stall, not per renewal. Every lease is then dirty: the stored
+        deadlines must move too, or an expiry (which removes a row only if
+        its stored deadline has passed) or a new leader would go by the old
+        ones."""
         self._buckets.clear()
         for node_id in self._deadline:
             deadline = self._deadline[node_id] = self._deadline[node_id] + seconds
             self._buckets[_slot(deadline)].add(node_id)
+            self._dirty.add(node_id)
             if self.on_change is not None:
                 self.on_change(node_id)
 

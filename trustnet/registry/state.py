@@ -554,9 +554,11 @@ class RegistryState:
         rows = [_lease_row(entry) for entry in _entries(cmd.entries)]
         at = _number(cmd.at, "at")
         if at > 0:
+            # The last one in log order, i.e. the latest leader's, even if
+            # an earlier leader's clock ran ahead of it.
             self._conn.execute(
                 "INSERT INTO meta (key, value) VALUES ('leader_pulse', ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)", [at])
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value", [at])
         cur = self._conn.executemany(
             "UPDATE nodes SET lease_deadline = ?, last_heartbeat = ? WHERE id = ?", rows)
         return {"updated": max(cur.rowcount, 0)}
@@ -565,8 +567,8 @@ class RegistryState:
 
     @_serialized
     def leader_pulse(self) -> float | None:
-        """The `at` of the newest lease checkpoint applied (CheckpointLeases),
-        None if none carried one."""
+        """The `at` of the last lease checkpoint applied that carried one
+        (CheckpointLeases), None if none did."""
         return self._scalar("SELECT value FROM meta WHERE key = 'leader_pulse'", [])
 
     @_serialized
