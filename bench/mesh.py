@@ -248,7 +248,8 @@ def diameter(graph: dict[str, set[str]]) -> int:
 
 def run_real(args: argparse.Namespace, python: str) -> None:
     n = args.nodes
-    print(f"(a) {n} real `trustnet node` processes + 1 registry on loopback", flush=True)
+    print(f"(a) {n} real `trustnet node` processes + 1 registry on loopback"
+          f"{', nodes linked over TLS (PEERS_TLS)' if args.tls else ''}", flush=True)
     if os.geteuid() != 0 or shutil.which("ip") is None:
         print("  skipped: adding addresses to lo needs root and iproute2's `ip`")
         return
