@@ -35,7 +35,7 @@ import orjson
 import trio
 
 from actors import Actor, ActorError, Letter, Ref, Refused, UseMailbox
-from trustnet.consensus.actor import ClusterStatus, CommitUnknown, NoLeader, Propose
+from trustnet.consensus.actor import ClusterStatus, CommitUnknown, NoLeader, Propose, ReadBarrier
 from trustnet.identity import IdentityError
 
 from . import messages as m
@@ -606,7 +606,20 @@ class RegistryActor(Actor):
         self.raft = st
         leads = st.get("role") == "leader"
         if leads and self.leader_term != st["term"]:
-            self._become_leader(st["term"])
+            # Adopt the leases only once every entry committed before this
+            # term is applied here (a read barrier: the new leader has
+            # committed an entry of its own term, and applied up to it), or
+            # they and the last leader's pulse would be read a few entries
+            # old.
+            try:
+                barrier = await self.consensus.ask(ReadBarrier(), timeout=2.0)
+                st = await self.consensus.ask(ClusterStatus(hops=1), timeout=2.0)
+            except ActorError:
+                return  # the next look tries again
+            self.raft = st
+            if (st.get("role") == "leader" and st["term"] == barrier["term"]
+                    and self.leader_term != st["term"]):
+                self._become_leader(st["term"])
         elif not leads and self.leader_term:
             log.info("registry lost leadership", extra={"term": self.leader_term})
             self.leader_term = 0
