@@ -276,3 +276,18 @@ def test_a_lease_already_stored_is_not_dirty():
     assert table.take_dirty() == []
     table.renew("a", 130.0)
     assert table.take_dirty() == [("a", 160.0, 130.0)]
+
+
+def test_extend_moves_every_deadline_and_marks_them_for_the_disk_only_after_a_clock_step(table):
+    """A stall (the process stood still) only moves deadlines later, so the
+    stored ones may lag; a step of the clock must reach the stored ones too
+    (RegistryActor._now): then every lease is dirty."""
+    table.grant("a", T0)
+    table.grant("b", T0, T0 + 10)
+    table.take_dirty()
+    table.extend(5.0)
+    assert (table.deadline("a"), table.deadline("b")) == (T0 + 35, T0 + 15)
+    assert table.take_dirty() == []
+    assert table.expired(T0 + 14) == [] and table.expired(T0 + 15) == ["b"]
+    table.extend(-100.0, stored_too=True)
+    assert table.take_dirty() == [("a", T0 - 65, T0), ("b", T0 - 85, T0)]

@@ -442,8 +442,9 @@ class MeshActor(Actor):
 
     def key_at(self, address: str) -> str | None:
         """What a TLS connection to `address` must present (peer_tls): the key
-        of the peer this node is dialling there, or has a link with there
-        (the key its handshake checked); None for any other address. Not
+        of the peer this node is dialling there, has a link with there (the
+        key its handshake checked) or is in a handshake with there; None for
+        any other address. Not
         the `known` cache: anyone can put entries there (a hello names any
         registered node), and an entry can be stale."""
         key = self.dial_keys.get(address)
@@ -452,6 +453,9 @@ class MeshActor(Actor):
         for info in self.links.values():
             if info.address == address:
                 return info.key
+        for pending in self.pending_in.values():  # a handshake it answered, not yet proved
+            if pending.address == address:
+                return pending.public_key
         return None
 
     # ------------------------------------------------------------ accepting

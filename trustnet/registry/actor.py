@@ -89,6 +89,7 @@ class RegistryActor(Actor):
         self.leader_term = 0  # the term this replica leads in; 0 when it does not
         self.leader_since = 0.0
         self._outage = 0.0  # how long the group had no leader before this one (see _become_leader)
+        self._adopting = 0  # the term whose read barrier is under way (_refresh_raft)
         # Ids of an expiry proposed but not answered in time (it may still
         # commit): if a later expiry finds them gone, that was theirs.
         self._expiry_unknown: set[str] = set()
@@ -486,7 +487,7 @@ class RegistryActor(Actor):
         step = (wall - last_wall) - (mono - last_mono)
         if abs(step) < STALL_GRACE_AFTER or not self.leases:
             return wall
-        self.leases.extend(step)
+        self.leases.extend(step, stored_too=True)
         # the times heartbeats are measured from for punctuality move too
         self.up_since += step if self.up_since else 0.0
         self.leader_since += step if self.leader_since else 0.0
@@ -610,16 +611,25 @@ class RegistryActor(Actor):
             # term is applied here (a read barrier: the new leader has
             # committed an entry of its own term, and applied up to it), or
             # they and the last leader's pulse would be read a few entries
-            # old.
+            # old. One barrier per term: every heartbeat waiting for the
+            # lease table looks again (each barrier costs a Raft round).
+            term = st["term"]
+            if self._adopting == term:
+                return
+            self._adopting = term
             try:
-                barrier = await self.consensus.ask(ReadBarrier(), timeout=2.0)
+                barrier = await self.consensus.ask(ReadBarrier(), timeout=self.propose_timeout)
                 st = await self.consensus.ask(ClusterStatus(hops=1), timeout=2.0)
             except ActorError:
                 return  # the next look tries again
+            finally:
+                self._adopting = 0
             self.raft = st
-            if (st.get("role") == "leader" and st["term"] == barrier["term"]
-                    and self.leader_term != st["term"]):
-                self._become_leader(st["term"])
+            # Still the same leadership (not lost and won again meanwhile,
+            # which would need its own barrier).
+            if (st.get("role") == "leader" and st["term"] == term == barrier["term"]
+                    and self.leader_term != term):
+                self._become_leader(term)
         elif not leads and self.leader_term:
             log.info("registry lost leadership", extra={"term": self.leader_term})
             self.leader_term = 0

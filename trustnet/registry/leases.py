@@ -106,18 +106,20 @@ class LeaseTable:
             due.extend(n for n in ids if self._deadline[n] <= now)
         return sorted(due)
 
-    def extend(self, seconds: float) -> None:
+    def extend(self, seconds: float, *, stored_too: bool = False) -> None:
         """Move every deadline `seconds` later (the registry could not serve
         heartbeats that long, or the clock stepped): O(n), for the rare
-        stall, not per renewal. Every lease is then dirty: the stored
-        deadlines must move too, or an expiry (which removes a row only if
-        its stored deadline has passed) or a new leader would go by the old
-        ones."""
+        stall, not per renewal. `stored_too` (a clock step) marks every
+        lease dirty: the stored deadlines must move as well, or an expiry
+        (which removes a row only once its stored deadline has passed) or a
+        new leader would go by the old ones. After a stall they need not: a
+        stored deadline only lags, never holds an expiry back."""
         self._buckets.clear()
         for node_id in self._deadline:
             deadline = self._deadline[node_id] = self._deadline[node_id] + seconds
             self._buckets[_slot(deadline)].add(node_id)
-            self._dirty.add(node_id)
+            if stored_too:
+                self._dirty.add(node_id)
             if self.on_change is not None:
                 self.on_change(node_id)
 
