@@ -8,7 +8,9 @@ the simulated network; the lone-registry cases run one RegistryActor.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import random
 import threading
 
 import orjson
@@ -57,7 +59,7 @@ class Group:
 
 
 async def start_group(nursery, net: SimNetwork, tmp_path, *, sweep: float = 0.1,
-                      wall=None) -> Group:
+                      wall=None, seed: int = 0) -> Group:
     cfg = ConsensusConfig(io_in_thread=False, propose_timeout=2.0)
     g = Group()
 
@@ -67,7 +69,8 @@ async def start_group(nursery, net: SimNetwork, tmp_path, *, sweep: float = 0.1,
                                registry_path=str(tmp_path / f"{rid}.db"),
                                raft_path=str(tmp_path / f"{rid}.raft.db"))
             async with trio.open_nursery() as own:
-                rep = await own.start(run_replica, transport, spec)
+                rep = await own.start(functools.partial(
+                    run_replica, transport, spec, rng=random.Random(f"{seed}:{rid}")))
                 reg = RegistryActor(rep.actor.state, ttl=TTL, checkpoint_interval=0.5,
                                     sweep_interval=sweep, heartbeat_interval=HB,
                                     clock=wall or clock,
@@ -169,7 +172,7 @@ async def test_a_new_leader_does_not_keep_a_lease_its_inherited_expiry_removes(
         # Its registry used to adopt the stored leases at once, n1's among
         # them; now it waits until its term's first entry is committed and
         # applied (a read barrier), i.e. after the inherited expiry.
-        await trio.sleep(0.1)
+        await trio.sleep(0.05)  # (less than an election timeout: it still leads)
         assert g.replicas[x].actor.core.role == LEADER and not g.regs[x].leader_term
         net.heal()
         await trio.sleep(0.3)

@@ -651,23 +651,34 @@ class RegistryActor(Actor):
                         max(0.0, self.leader_since - pulse - 2 * self.checkpoint_interval))
         for node_id, (deadline, last) in self.state.lease_table().items():
             self._adopt(node_id, deadline, last)
-        self.leases.take_dirty()  # nothing new to checkpoint: they came from the log
+        if not self._outage:
+            self.leases.take_dirty()  # nothing new to checkpoint: they came from the log
+        # else the graces it gave are written with its first pulse: a leader
+        # after it, finding that pulse recent, would not see the outage, and
+        # would go by the nodes' last heartbeats, from before it.
         if self.leases:
             self.nursery.start_soon(self._checkpoint_replicated)  # this leader's first pulse
         log.info("registry leads", extra={"term": term, "nodes": len(self.leases),
                                           "outage_seconds": round(self._outage, 3)})
 
-    def _adopt(self, node_id: str, deadline: float | None, last: float | None) -> None:
+    def _adopt(self, node_id: str, deadline: float | None, last: float | None,
+               now: float | None = None) -> None:
         """Track a stored lease on the leader, with the bounded grace: one
         TTL from the election, but no more than 2 TTL after the node's last
         heartbeat (frequent elections must not keep a dead node listed),
-        not counting a time the whole group was down (its nodes could not
-        heartbeat then)."""
+        unless the group was down before this election (its nodes could not
+        heartbeat then; a last heartbeat from before that, or before an
+        earlier outage, says nothing): then one TTL, as after a lone
+        registry's restart."""
         grace = self.leader_since + self.ttl
-        if last is not None:
-            grace = min(grace, last + 2 * self.ttl + self._outage)
-        self.leases.grant(node_id, last if last is not None else self.leader_since,
-                          max(deadline or 0.0, grace))
+        if last is not None and not self._outage:
+            grace = min(grace, last + 2 * self.ttl)
+        # A stored deadline more than a TTL ahead was written before the
+        # clock stepped back (its leader did not get to rewrite it): as if
+        # renewed now, not for the length of the step.
+        now = self.leader_since if now is None else now
+        deadline = min(max(deadline or 0.0, grace), now + self.ttl)
+        self.leases.grant(node_id, last if last is not None else self.leader_since, deadline)
 
     def _lease_message(self, msg: Any) -> dict:
         """A heartbeat of any kind (or a session opening), on the replica
@@ -788,9 +799,15 @@ class RegistryActor(Actor):
         if not self.leader_term:
             return
         now = self._now()
-        for node_id, deadline, last in self.state.leases_due(now):
+        for node_id, deadline, last in self.state.leases_due(now, now + self.ttl):
             if node_id not in self.leases:  # registered through another replica
-                self._adopt(node_id, deadline, last)
+                self._adopt(node_id, deadline, last, now)
+            if deadline is not None and deadline > now + self.ttl:
+                # Stored before the clock stepped back (no deadline is more
+                # than a TTL ahead), by a leader that did not get to write it
+                # again: an expiry would not remove the row (it removes only
+                # rows whose stored deadline has passed). Write ours.
+                self.leases.mark_dirty([node_id])
         due = self.leases.expired(now)
         if not due:
             return
@@ -821,15 +838,16 @@ class RegistryActor(Actor):
             scores = self.reputation.take_dirty()
             if scores:
                 await self._propose_local(_set_scores(scores))
-            pulsed = False
             for chunk in self.leases.dirty_chunks(CHECKPOINT_CHUNK):
                 try:
-                    await self._propose_local(_checkpoint_leases(chunk, self._now()))
-                    pulsed = True
+                    await self._propose_local(_checkpoint_leases(chunk))
                 except BaseException:
                     self.leases.mark_dirty(n for n, _, _ in chunk)  # at the next checkpoint
                     raise
-            if not pulsed and self.leases:  # the pulse alone (see CheckpointLeases)
+            # The pulse after the chunks (see CheckpointLeases): committed, it
+            # says they are too, so a later leader never reads a recent pulse
+            # beside leases this one did not get to write.
+            if self.leases:
                 await self._propose_local(_checkpoint_leases([], self._now()))
         except (Refused, ActorError) as exc:
             log.warning("lease checkpoint not committed", extra={"error": str(exc)})

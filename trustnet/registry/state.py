@@ -712,13 +712,15 @@ class RegistryState:
                 in self._conn.execute("SELECT id, lease_deadline, last_heartbeat FROM nodes")}
 
     @_serialized
-    def leases_due(self, now: float) -> list[tuple[str, float | None, float | None]]:
+    def leases_due(self, now: float, beyond: float = math.inf
+                   ) -> list[tuple[str, float | None, float | None]]:
         """(id, stored lease deadline, last heartbeat) of nodes whose stored
-        deadline is at or before `now` (or unknown): what a leader must track."""
+        deadline is at or before `now` (or unknown), or after `beyond`: what
+        a leader must track."""
         return [(node_id, deadline, _seconds(heartbeat)) for node_id, deadline, heartbeat
                 in self._conn.execute("SELECT id, lease_deadline, last_heartbeat FROM nodes "
-                                      "WHERE lease_deadline IS NULL OR lease_deadline <= ?",
-                                      [now])]
+                                      "WHERE lease_deadline IS NULL OR lease_deadline <= ? "
+                                      "OR lease_deadline > ?", [now, beyond])]
 
     @_serialized
     def node_count(self) -> int:
