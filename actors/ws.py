@@ -827,12 +827,14 @@ class WebsocketTransport:
                     stream = await self._tls_handshake(stream, link)
             # We own the TCP stream so that it is closed however the link ends
             # (trio-websocket leaves it open when the peer just vanishes).
-            hello, nonce, proof = self._hello, None, None
+            proof = identity = nonce = None
             if self._secret is not None:  # a fresh proof per connection
                 proof = hello_proof(self._secret, self.address, link.peer)
-                hello, nonce = hello_frame(self.address, proof), proof["nonce"]
+                nonce = proof["nonce"]
             if self._hello_identity is not None:
-                hello = hello_frame(self.address, proof, self._hello_identity(link.peer))
+                identity = self._hello_identity(link.peer)
+            hello = (self._hello if proof is None and identity is None
+                     else hello_frame(self.address, proof, identity))
             with collapsed():
                 async with stream, trio.open_nursery() as nursery:
                     with trio.move_on_after(self.connect_timeout) as handshake:

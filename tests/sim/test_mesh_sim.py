@@ -802,7 +802,7 @@ async def test_a_burst_of_hellos_is_bounded_while_they_wait_for_the_registry(
         while "mesh" not in cluster.contexts[victim].actors:
             await trio.sleep(0.001)
         mesh = cluster.mesh(victim)
-        real, flight = mesh._lookup, {"now": 0, "max": 0, "hellos": 0}
+        real, flight = mesh.lookup, {"now": 0, "max": 0, "hellos": 0}
 
         async def lookup(peer: str):
             flight["now"] += 1
@@ -812,7 +812,7 @@ async def test_a_burst_of_hellos_is_bounded_while_they_wait_for_the_registry(
             finally:
                 flight["now"] -= 1
 
-        mesh._lookup = lookup
+        mesh.lookup = lookup
         squatter = format_address("fd10:1234::66", 9000)
 
         async def squat(system: ActorSystem) -> None:

@@ -361,7 +361,7 @@ class MeshActor(Actor):
         self.dialing.setdefault(peer, trio.current_time())
         known = self.known.get(peer)
         if known is None or not known.get("public_key"):
-            known = await self._lookup(peer)
+            known = await self.lookup(peer)
             if known is None:
                 return False
         address, key = known["address"], known["public_key"]
@@ -384,7 +384,7 @@ class MeshActor(Actor):
             if not isinstance(answer, LinkChallenge) or answer.node_id != peer:
                 return self._failed(peer, "answered the hello with something else")
             if not check_proof(key, answer.signature, challenge, peer, self.me, peer):
-                fresh = await self._lookup(peer)  # the key may have been re-bound
+                fresh = await self.lookup(peer)  # the key may have been re-bound
                 key = fresh["public_key"] if fresh else None
                 if not check_proof(key, answer.signature, challenge, peer, self.me, peer):
                     return self._failed(peer, "signature does not match the registered key")
@@ -425,9 +425,6 @@ class MeshActor(Actor):
     async def lookup(self, peer: str) -> dict[str, Any] | None:
         """{"address", "public_key"} of `peer` as the registry lists it now
         (kept in `known`), None if it lists no such node."""
-        return await self._lookup(peer)
-
-    async def _lookup(self, peer: str) -> dict[str, Any] | None:
         try:
             node = await self.node.registry.ask(GetNode(peer), timeout=self.p.request_timeout)
         except Refused:
@@ -444,9 +441,9 @@ class MeshActor(Actor):
         """What a TLS connection to `address` must present (peer_tls): the key
         of the peer this node is dialling there, has a link with there (the
         key its handshake checked) or is in a handshake with there; None for
-        any other address. Not
-        the `known` cache: anyone can put entries there (a hello names any
-        registered node), and an entry can be stale."""
+        any other address. Not the `known` cache: anyone can put entries
+        there (a hello names any registered node), and an entry can be
+        stale."""
         key = self.dial_keys.get(address)
         if key is not None:
             return key
@@ -477,7 +474,7 @@ class MeshActor(Actor):
         self._check_room(peer, isolated)
         self.hellos_looking_up += 1
         try:
-            known = await self._lookup(peer)
+            known = await self.lookup(peer)
         finally:
             self.hellos_looking_up -= 1
         if known is None or not known.get("public_key"):
@@ -719,7 +716,7 @@ class MeshActor(Actor):
             # a send the client was told timed out must not go out later.
             looked_up = False
             with trio.move_on_after(self.p.request_timeout) as budget:
-                if await self._lookup(target) is None:
+                if await self.lookup(target) is None:
                     raise Refused("not_found", f"the registry lists no node {target!r}")
                 looked_up = True
                 # A link on demand only with room for it (else the message is

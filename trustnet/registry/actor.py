@@ -15,11 +15,11 @@ heartbeats to the leader's RegistryActor (LeaderHeartbeat, or the session
 message marked forwarded; sessions live with the leases); only the leader
 sweeps and checkpoints, through the log, and its expiries carry its term. A
 new leader adopts the stored leases with a bounded grace: max(stored
-deadline, min(election + ttl, last heartbeat + 2 ttl + outage)), so frequent
-elections cannot keep a dead node alive forever; `outage` is how long the
-group had no leader before this one, from the last leader's pulse (every
-checkpoint carries the leader's clock), so nodes are not expired for not
-heartbeating while every replica was down.
+deadline, min(election + ttl, last heartbeat + 2 ttl)), at most election +
+ttl, so frequent elections cannot keep a dead node alive forever; after an
+outage of the group (the last leader's pulse, which every checkpoint
+carries, is old) every lease gets election + ttl, as nodes could not
+heartbeat meanwhile (_become_leader, _adopt).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class RegistryActor(Actor):
         self.clock = clock
         self.monotonic = monotonic
         self.leases = LeaseTable(ttl)
-        self._clock_mark = (0.0, 0.0)  # (monotonic, system) time of the last _check_clock
+        self._clock_mark = (0.0, 0.0)  # (monotonic, system) time of the last _now()
         self.sessions = SessionTable()  # heartbeat sessions, kept with the leases
 
     # ------------------------------------------------------------ lifecycle
@@ -455,7 +455,7 @@ class RegistryActor(Actor):
             # Late from the sleep alone: the time the expiry below waits on
             # consensus is not the process standing still.
             self._after_stall(trio.current_time() - asleep - self.sweep_interval)
-            self._now()  # moves the deadlines first if the system clock stepped
+            # (both look at the system clock first: _now)
             if self.consensus is not None:
                 await self._expire_replicated()
             else:

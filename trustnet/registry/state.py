@@ -556,9 +556,7 @@ class RegistryState:
         if at > 0:
             # The last one in log order, i.e. the latest leader's, even if
             # an earlier leader's clock ran ahead of it.
-            self._conn.execute(
-                "INSERT INTO meta (key, value) VALUES ('leader_pulse', ?) "
-                "ON CONFLICT (key) DO UPDATE SET value = excluded.value", [at])
+            self._conn.execute(_PULSE_STORE, [at])
         cur = self._conn.executemany(
             "UPDATE nodes SET lease_deadline = ?, last_heartbeat = ? WHERE id = ?", rows)
         return {"updated": max(cur.rowcount, 0)}
@@ -569,7 +567,7 @@ class RegistryState:
     def leader_pulse(self) -> float | None:
         """The `at` of the last lease checkpoint applied that carried one
         (CheckpointLeases), None if none did."""
-        return self._scalar("SELECT value FROM meta WHERE key = 'leader_pulse'", [])
+        return self._scalar(_PULSE_SELECT, [])
 
     @_serialized
     def get_node(self, node_id: str) -> dict:
@@ -835,8 +833,7 @@ class RegistryState:
                 self._conn.execute("UPDATE meta SET value = ? WHERE key = 'applied_index'", [index])
                 self._conn.execute("DELETE FROM meta WHERE key = 'leader_pulse'")
                 if pulse is not None:
-                    self._conn.execute(
-                        "INSERT INTO meta (key, value) VALUES ('leader_pulse', ?)", [pulse])
+                    self._conn.execute(_PULSE_STORE, [pulse])
         except sqlite3.IntegrityError as exc:
             raise ValueError(f"registry snapshot violates the schema: {exc}") from None
         finally:
@@ -1110,6 +1107,12 @@ def _session_result(stored: str) -> Any:
     return value["ok"]
 
 
+# The leader's pulse (CheckpointLeases.at): the last one applied.
+_PULSE_SELECT = "SELECT value FROM meta WHERE key = 'leader_pulse'"
+_PULSE_STORE = ("INSERT INTO meta (key, value) VALUES ('leader_pulse', ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+
+
 def _snapshot_of(conn: sqlite3.Connection) -> bytes:
     import zlib
 
@@ -1123,7 +1126,7 @@ def _snapshot_of(conn: sqlite3.Connection) -> bytes:
                                 "ORDER BY request_id").fetchall()
         applied = int(conn.execute(
             "SELECT value FROM meta WHERE key = 'applied_index'").fetchone()[0])
-        pulse = conn.execute("SELECT value FROM meta WHERE key = 'leader_pulse'").fetchone()
+        pulse = conn.execute(_PULSE_SELECT).fetchone()
     finally:
         conn.execute("COMMIT")
     if sessions:  # absent when empty: such snapshots stay byte-identical to older ones
