@@ -106,16 +106,8 @@ from urllib.parse import urlsplit
 
 import orjson
 import trio
-import trio_websocket
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from trio_websocket import (
-    CloseReason,
-    ConnectionClosed,
-    WebSocketConnection,
-    WebSocketRequest,
-    WebSocketServer,
-)
 
 from . import codec
 from .codec import Envelope
@@ -123,6 +115,16 @@ from .errors import MailboxFull, ProtocolError, Unreachable
 from .groups import collapsed
 from .linkauth import ProofChecker, check_welcome, hello_proof, welcome_frame
 from .transport import Deliver, LinkDown
+from .wsconn import (
+    CloseReason,
+    ConnectionClosed,
+    HandshakeError,
+    NoHandshakeAnswer,
+    WebSocket,
+    accept_websocket,
+    connect_websocket,
+    peer_of,
+)
 
 __all__ = [
     "WebsocketTransport", "batch_frames", "decode_frame", "format_address", "hello_frame",
@@ -138,7 +140,10 @@ HELLO_VERSION = 1
 CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_INVALID_DATA = 1007  # e.g. a text frame that is not UTF-8
 CLOSE_TOO_BIG = 1009
+# Codes the websocket layer closes with when the peer's frames are bad.
+_WEBSOCKET_ERRORS = (CLOSE_PROTOCOL_ERROR, CLOSE_INVALID_DATA, CLOSE_TOO_BIG)
 _CLOSE_REASON_BYTES = 120  # a close frame's reason must fit in 123 bytes
 
 # A connection that stayed up at least this long was a working link, so the
@@ -154,14 +159,14 @@ LISTEN_BACKLOG = 128
 # A batch of queued envelopes sent as one frame stays under this (and under
 # max_frame_bytes): far below the 1 MiB default limit a peer accepts.
 BATCH_BYTES = 64 * 1024
-# How much trio-websocket reads from the socket at a time (its default is 4 KiB).
+# How much a connection reads from its socket at a time.
 RECEIVE_BUFFER = 64 * 1024
 
 # What a failed dial raises: the TCP connect (OSError), the websocket handshake
 # (HandshakeError, e.g. ConnectionRejected by a plain HTTP server), a closed
 # connection while saying hello, or connect_timeout running out.
 # A failed TLS handshake (bad certificate, a plain peer) is a BrokenResourceError.
-_DIAL_ERRORS = (OSError, trio_websocket.HandshakeError, ConnectionClosed, trio.TooSlowError,
+_DIAL_ERRORS = (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError,
                 trio.BrokenResourceError)
 _SCHEMES = ("ws", "wss")
 
@@ -276,7 +281,7 @@ class _Connection:
 
     __slots__ = ("ws", "remote", "direction", "since", "trusted")
 
-    def __init__(self, ws: WebSocketConnection):
+    def __init__(self, ws: WebSocket):
         self.ws = ws
         self.remote = _endpoint(ws)  # read now: the socket may be gone when we log its end
         self.direction: Literal["in", "out"] = "out" if ws.is_client else "in"
@@ -290,9 +295,8 @@ class _NoSecret(Exception):
 
 
 class _NoWebsocketAnswer(trio.TooSlowError):
-    """TCP connected but the websocket handshake got no answer in time; a
-    TLS listener dialled as ws:// looks like this (trio-websocket does not
-    notice the peer hanging up during its handshake)."""
+    """TCP connected but the websocket handshake got no answer (in time, or
+    before the peer hung up); a TLS listener dialled as ws:// does that."""
 
 
 class _TrustedFrame(str):
@@ -559,11 +563,8 @@ class WebsocketTransport:
         io_scope = trio.CancelScope(shield=True)
         io = await nursery.start(self._host_connections, io_scope)
         try:
-            server = WebSocketServer(
-                self._accept, [listener], handler_nursery=io,
-                max_message_size=self.max_frame_bytes, receive_buffer_size=RECEIVE_BUFFER,
-                connect_timeout=self.connect_timeout, disconnect_timeout=self.close_timeout)
-            await nursery.start(server.run)
+            await nursery.start(functools.partial(
+                trio.serve_listeners, self._handshake, [listener], handler_nursery=io))
             self._nursery, self._io = nursery, io
             log.info("listening", extra={"address": self.address})
             task_status.started()
@@ -593,12 +594,23 @@ class WebsocketTransport:
 
     # ---------------------------------------------------- inbound connections
 
-    async def _accept(self, request: WebSocketRequest) -> None:
+    async def _handshake(self, stream: trio.abc.Stream) -> None:
+        """One accepted stream: the websocket handshake within
+        connect_timeout, then `_accept`; the stream is closed however it ends."""
+        async with stream:
+            ws = None
+            with trio.move_on_after(self.connect_timeout):
+                try:
+                    ws = await accept_websocket(stream, max_message_size=self.max_frame_bytes,
+                                                receive_buffer=RECEIVE_BUFFER)
+                except HandshakeError as exc:
+                    log.debug("websocket handshake failed",
+                              extra={"remote": _endpoint(stream), "error": _describe(exc)})
+            if ws is not None:
+                await self._accept(_Connection(ws))
+
+    async def _accept(self, conn: _Connection) -> None:
         """One inbound connection: a hello first, then it is a link like any other."""
-        try:
-            conn = _Connection(await request.accept())
-        except ConnectionClosed:
-            return
         hello = await self._receive_hello(conn)
         if hello is None:
             return
@@ -825,8 +837,6 @@ class WebsocketTransport:
                                                     local_address=self._source)
                 if link.tls:
                     stream = await self._tls_handshake(stream, link)
-            # We own the TCP stream so that it is closed however the link ends
-            # (trio-websocket leaves it open when the peer just vanishes).
             proof = identity = nonce = None
             if self._secret is not None:  # a fresh proof per connection
                 proof = hello_proof(self._secret, self.address, link.peer)
@@ -835,28 +845,26 @@ class WebsocketTransport:
                 identity = self._hello_identity(link.peer)
             hello = (self._hello if proof is None and identity is None
                      else hello_frame(self.address, proof, identity))
-            with collapsed():
-                async with stream, trio.open_nursery() as nursery:
-                    with trio.move_on_after(self.connect_timeout) as handshake:
-                        ws = await trio_websocket.wrap_client_stream(
-                            nursery, stream, link.http_host, "/",
-                            max_message_size=self.max_frame_bytes,
-                            receive_buffer_size=RECEIVE_BUFFER)
-                    if handshake.cancelled_caught:
-                        hint = "" if link.tls else " (if the peer serves TLS, dial wss://)"
-                        raise _NoWebsocketAnswer(f"no answer to the websocket handshake within "
-                                                 f"{self.connect_timeout:g}s{hint}")
-                    with trio.fail_after(self.connect_timeout):
-                        await ws.send_message(hello)
-                        conn = _Connection(ws)
-                        if nonce is not None:
-                            await self._read_welcome(link, conn, nonce)
-                    up = True
-                    await self._run_connection(link, conn, task_status=task_status)
-                    # The websocket's own reader task finishes the close
-                    # handshake, then ends when the TCP stream does; give it
-                    # close_timeout to do so.
-                    nursery.cancel_scope.deadline = trio.current_time() + self.close_timeout
+            async with stream:  # closed however the link ends
+                hint = "" if link.tls else " (if the peer serves TLS, dial wss://)"
+                with trio.move_on_after(self.connect_timeout) as handshake:
+                    try:
+                        ws = await connect_websocket(stream, link.http_host, "/",
+                                                     max_message_size=self.max_frame_bytes,
+                                                     receive_buffer=RECEIVE_BUFFER)
+                    except NoHandshakeAnswer:
+                        raise _NoWebsocketAnswer(f"the peer hung up on the websocket "
+                                                 f"handshake{hint}") from None
+                if handshake.cancelled_caught:
+                    raise _NoWebsocketAnswer(f"no answer to the websocket handshake within "
+                                             f"{self.connect_timeout:g}s{hint}")
+                with trio.fail_after(self.connect_timeout):
+                    await ws.send_message(hello)
+                    conn = _Connection(ws)
+                    if nonce is not None:
+                        await self._read_welcome(link, conn, nonce)
+                up = True
+                await self._run_connection(link, conn, task_status=task_status)
         except Exception as exc:
             if not up:
                 raise
@@ -993,19 +1001,21 @@ class WebsocketTransport:
         with trio.move_on_after(self.close_timeout):
             await conn.ws.aclose(code, reason)
 
-    def _note_closed(self, conn: _Connection, peer: str, reason: CloseReason | None) -> None:
-        """Log why a connection closed; an oversized frame is the peer's protocol error.
-
-        trio-websocket itself closes with 1009 on a frame over max_frame_bytes."""
-        code = reason.code if reason is not None else None
-        extra = {"peer": peer, "remote": conn.remote, "close_code": code,
-                 "close_reason": reason.reason if reason is not None else None}
-        if code == CLOSE_TOO_BIG:
-            extra["error"] = (f"ProtocolError: frame over the {self.max_frame_bytes}-byte limit "
-                              f"({extra['close_reason']})")
-            log.warning("protocol error, closing link", extra=extra)
-        else:
+    def _note_closed(self, conn: _Connection, peer: str, reason: CloseReason) -> None:
+        """Log why a connection closed. The websocket layer closes by itself
+        (1009) on a frame over max_frame_bytes and (1002, 1007) on frames
+        that break the protocol: those are the peer's protocol errors."""
+        extra = {"peer": peer, "remote": conn.remote, "close_code": reason.code,
+                 "close_reason": reason.reason}
+        if reason.by_peer or reason.code not in _WEBSOCKET_ERRORS:
             log.debug("connection closed", extra=extra)
+            return
+        if reason.code == CLOSE_TOO_BIG:
+            extra["error"] = (f"ProtocolError: frame over the {self.max_frame_bytes}-byte limit "
+                              f"({reason.reason})")
+        else:
+            extra["error"] = f"ProtocolError: {reason.reason}"
+        log.warning("protocol error, closing link", extra=extra)
 
     # -------------------------------------------------------------- helpers
 
@@ -1116,7 +1126,7 @@ def check_pin(der: bytes | None, pin: bytes, peer: str) -> None:
         raise trio.BrokenResourceError(str(cause)) from cause
 
 
-def _check_origin(peer: str, ws: WebSocketConnection) -> None:
+def _check_origin(peer: str, ws: WebSocket) -> None:
     """A hello may only name the host the connection comes from.
 
     Without this, anyone who can reach us could claim a peer's address and
@@ -1131,8 +1141,7 @@ def _check_origin(peer: str, ws: WebSocketConnection) -> None:
         raise ProtocolError(f"hello names host {host!r}; a peer must give its IP address") from None
     if claimed.is_unspecified:
         raise ProtocolError(f"hello names the unspecified address {peer}")
-    remote = getattr(ws, "remote", None)
-    actual = getattr(remote, "address", None)
+    actual = ws.remote[0] if ws.remote is not None else None
     try:
         actual_ip = ipaddress.ip_address(str(actual)) if actual is not None else None
     except ValueError:
@@ -1143,18 +1152,15 @@ def _check_origin(peer: str, ws: WebSocketConnection) -> None:
         raise ProtocolError(f"hello claims {peer} but the connection comes from {actual}")
 
 
-def _endpoint(ws: WebSocketConnection) -> str:
-    """The socket peer of a connection, for logs."""
-    try:
-        remote = ws.remote
-    except Exception:  # noqa: BLE001 - a connection torn down under us has none
+def _endpoint(connection: WebSocket | trio.abc.Stream) -> str:
+    """The socket peer of a connection (or a stream not yet one), for logs."""
+    remote = connection.remote if isinstance(connection, WebSocket) else peer_of(connection)
+    if remote is None:
         return "?"
-    if isinstance(remote, trio_websocket.Endpoint):
-        return format_address(str(remote.address), remote.port).split("://", 1)[1]
-    return str(remote)
+    return format_address(*remote).split("://", 1)[1]
 
 
 def _describe(exc: BaseException) -> str:
-    """`Type: message`, looking through trio-websocket's wrappers for the cause."""
+    """`Type: message`, looking through wrappers (a broken TLS stream) for the cause."""
     text = str(exc) or str(exc.__cause__ or "")
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

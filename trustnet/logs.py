@@ -41,7 +41,6 @@ NOISY_LOGGERS = (
     "hypercorn.access",
     "httpx",
     "httpcore",
-    "trio-websocket",
     "asyncio",
     "quart.serving",
 )

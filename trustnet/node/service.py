@@ -20,6 +20,7 @@ from actors.ws import WebsocketTransport
 import os
 import ssl
 
+from trustnet.gc_tuning import settle_heap
 from trustnet.identity import KEY_FILE, IdentityError, NodeIdentity
 from trustnet.logs import hypercorn_logging
 from trustnet.signals import watch_signals
@@ -124,6 +125,7 @@ async def serve(config: NodeConfig) -> int:
         nursery.start_soon(stopper)
         # The API opens once the node is registered and its mesh runs.
         await nursery.start(run_tree)
+        settle_heap()  # see trustnet.gc_tuning
         if not shutdown.is_set():
             try:
                 binds = await nursery.start(serve_http)
