@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from cryptography.exceptions import InvalidSignature
+from nacl.bindings import crypto_sign_open
+from nacl.exceptions import BadSignatureError
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
@@ -118,9 +119,19 @@ def canonical(stmt: dict[str, Any]) -> bytes:
 
 
 def verify(public_key: str, data: bytes, signature: str) -> bool:
+    """Whether `signature` (base64url) is `public_key`'s Ed25519 signature of `data`.
+
+    Checked by libsodium (PyNaCl) rather than `cryptography`, which signs:
+    the same RFC 8032 signatures, verified in 40 us here against 62-66 us,
+    and a registry checks one per signed heartbeat (bench/heartbeats.py).
+    Like `cryptography`'s, the call releases the GIL, so a worker thread
+    verifies while the event loop goes on."""
     try:
-        public_key_from_text(public_key).verify(unb64(signature), data)
-    except (InvalidSignature, IdentityError, ValueError):
+        key, sig = unb64(public_key), unb64(signature)
+        if len(key) != 32 or len(sig) != 64:
+            return False
+        crypto_sign_open(sig + data, key)
+    except (BadSignatureError, IdentityError, ValueError, TypeError):
         return False
     return True
 

@@ -80,7 +80,19 @@ def test_verify_raw_bytes():
     sig = me.sign(b"challenge")
     assert verify(me.public_key, b"challenge", sig)
     assert not verify(me.public_key, b"challengf", sig)
+    assert not verify(NodeIdentity.generate().public_key, b"challenge", sig)
     assert canonical({"a": 1, "sig": "x"}) == canonical({"a": 1})
+
+
+@pytest.mark.parametrize("key, sig", [
+    ("short", None), (None, "short"), ("not base64!", None), (None, "not base64!"),
+    (None, ""), ("", None), (None, "A" * 87), ("A" * 44, None)])
+def test_verify_says_no_to_malformed_keys_and_signatures(key, sig):
+    """Whatever a peer sends as its key or signature, verify answers False."""
+    me = NodeIdentity.generate()
+    good = me.sign(b"challenge")
+    assert not verify(key if key is not None else me.public_key, b"challenge",
+                      sig if sig is not None else good)
 
 
 def test_replay_cache_is_pruned():

@@ -206,7 +206,7 @@ def test_hypercorn_error_log_is_json_and_access_log_quiet(stream):
 def test_noisy_loggers_are_held_at_warn(stream):
     setup_logging("node", "debug", stream=stream)
     logging.getLogger("httpx").info("HTTP Request: GET ...")
-    logging.getLogger("trio-websocket").debug("frame")
+    logging.getLogger("httpcore").debug("frame")
     logging.getLogger("httpx").warning("shown")
     assert [d["message"] for d in lines(stream)] == ["shown"]
 
