@@ -551,8 +551,12 @@ async def test_garbage_frames_close_only_that_connection(mesh):
         "an oversized frame": [hello, "x" * (1024 * 1024 + 1)],
     }
     for case, frames in cases.items():
+        before = len(proc.lines)
         code = await send_and_get_closed(frames)
         assert code in (1002, 1009), f"{case}: closed with {code}"
+        # the node logs it right after its close frame went out: wait for the line
+        await proc.wait_for_log(lambda d: d.get("message") == "protocol error, closing link",
+                                start=before)
     errors = proc.logs("protocol error, closing link", start=mark)
     assert len(errors) == len(cases), [e.get("error") for e in errors]
 
