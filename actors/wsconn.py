@@ -12,8 +12,9 @@ machine (bench/ws_floor.py), and with one connection per node a heartbeat
 is mostly that cost.
 
 Concurrency: one task reads (`get_message`); any task may send (a lock
-keeps frames whole); `aclose` may be called from any task, also while
-another one reads.
+keeps frames whole); `aclose` may be called from any task and more than
+once, also while another one reads: one task at a time reads the stream,
+the others wait for it to close.
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ class WebSocket:
         self._parts: list[str | bytes] = []  # a fragmented message so far
         self._size = 0
         self._send_lock = trio.Lock()
-        self._reading = False
+        self._reading = False  # a task is reading the stream (get_message or aclose)
         self._stream_closed = trio.Event()
 
     async def get_message(self) -> str | bytes:
@@ -98,6 +99,9 @@ class WebSocket:
         ConnectionClosed once the websocket is closed."""
         if self._messages:
             return self._messages.popleft()
+        if self._reading:  # an aclose is reading the peer's last frames
+            await self._stream_closed.wait()
+            raise ConnectionClosed(self._closed_reason())
         self._reading = True
         try:
             while not self._messages:
@@ -122,11 +126,15 @@ class WebSocket:
             if self.closed is None:
                 self.closed = CloseReason(code, reason, by_peer=False)
                 await self._send_close(code, reason)
-            if self._reading:  # that task reads the peer's close frame for us
+            if self._reading:  # another task reads the peer's close frame for us
                 await self._stream_closed.wait()
             else:
-                while not self._stream_closed.is_set():
-                    await self._receive()
+                self._reading = True
+                try:
+                    while not self._stream_closed.is_set():
+                        await self._receive()
+                finally:
+                    self._reading = False
         finally:
             await self._close_stream()
 

@@ -214,3 +214,32 @@ async def test_a_server_that_hangs_up_gave_no_answer():
         with pytest.raises(NoHandshakeAnswer):
             await connect_websocket(ours, "[::1]:9", "/", max_message_size=LIMIT,
                                     receive_buffer=65536)
+
+
+async def test_two_closes_and_a_late_reader_share_the_stream():
+    """A connection closed from two tasks at once (a shutdown and a
+    ProtocolError), and its reader coming back to read meanwhile: one task
+    reads the stream at a time, every one of them ends."""
+    ws, client = await server_and_client()
+    ended: list[str] = []
+
+    async def close(name: str) -> None:
+        await ws.aclose(1001, "going away")
+        ended.append(name)
+
+    async def read() -> None:
+        with pytest.raises(ConnectionClosed) as closed:
+            await ws.get_message()
+        assert closed.value.reason.code == 1001
+        ended.append("reader")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(close, "first")
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.start_soon(close, "second")
+        nursery.start_soon(read)
+        await trio.testing.wait_all_tasks_blocked()
+        [event] = await client.events()
+        assert isinstance(event, CloseConnection) and event.code == 1001
+        await client.send(event.response())
+    assert sorted(ended) == ["first", "reader", "second"]
