@@ -163,7 +163,7 @@ BATCH_BYTES = 64 * 1024
 RECEIVE_BUFFER = 64 * 1024
 
 # What a failed dial raises: the TCP connect (OSError), the websocket handshake
-# (HandshakeError, e.g. ConnectionRejected by a plain HTTP server), a closed
+# (HandshakeError, e.g. a plain HTTP server refusing the upgrade), a closed
 # connection while saying hello, or connect_timeout running out.
 # A failed TLS handshake (bad certificate, a plain peer) is a BrokenResourceError.
 _DIAL_ERRORS = (OSError, HandshakeError, ConnectionClosed, trio.TooSlowError,
