@@ -4,13 +4,14 @@ The heartbeat benchmark's one-connection-per-node case (`raw:500:500`) is
 bound by what each message costs on its own: nothing can be batched when
 every connection has one heartbeat in flight. This measures that floor: a
 server that only echoes each message back, with N connections per client
-process and one message in flight on each, in five builds:
+process and one message in flight on each, in six builds:
 
   tcp             a Trio SocketStream, receive_some -> send_all, no websocket
   wsproto         one Trio task per connection driving wsproto directly
-  wsconn+writer   actors.wsconn (wsproto in the reading task), the reply
-                  handed to a writer task through a memory channel: what
-                  actors.ws does now (a link's writer batches)
+  wsconn          actors.wsconn (wsproto in the reading task), get_message
+                  -> send_message in one task
+  wsconn+writer   the same, the reply handed to a writer task through a
+                  memory channel: what actors.ws does (a link's writer batches)
   trio-websocket  get_message -> send_message in one task
   tws+writer      the same with a writer task: what actors.ws did until
                   2026-11-27
@@ -19,7 +20,7 @@ The registry does strictly more per heartbeat (envelope decode, session MAC,
 lease renewal, reply encode), so what an echo reaches here bounds what the
 registry can reach with one connection per node.
 
-    .venv/bin/python bench/ws_floor.py                    # all five, 2 x 500 connections, 8 s each
+    .venv/bin/python bench/ws_floor.py                    # all six, 2 x 500 connections, 8 s each
     .venv/bin/python bench/ws_floor.py --connections 50 --seconds 4 --modes tcp,trio-websocket
 
 Two client processes (raw sockets, selectors, frames pre-encoded with
@@ -38,7 +39,7 @@ import socket
 import sys
 import time
 
-MODES = ("tcp", "wsproto", "wsconn+writer", "trio-websocket", "tws+writer")
+MODES = ("tcp", "wsproto", "wsconn", "wsconn+writer", "trio-websocket", "tws+writer")
 # About the size of a session heartbeat's envelope on the wire.
 MESSAGE = ('{"from":"ws://[fd10:1234::1]:7000/n0001234","to":"registry","cid":123456,'
            '"body":{"t":"SessionHeartbeat","session":"3f9c2a","counter":4711,'
@@ -115,12 +116,26 @@ def serve(mode: str, port_queue: mp.Queue) -> None:
             return
         await echo_through_writer(ws, ConnectionClosed)
 
+    async def wsconn_one_task(stream: trio.SocketStream) -> None:
+        from actors.wsconn import ConnectionClosed, HandshakeError, accept_websocket
+
+        try:
+            ws = await accept_websocket(stream, max_message_size=1 << 20, receive_buffer=65536)
+        except HandshakeError:
+            return
+        try:
+            while True:
+                await ws.send_message(await ws.get_message())
+        except ConnectionClosed:
+            pass
+
     async def main() -> None:
         listeners = await trio.open_tcp_listeners(0, host="::1")
         port_queue.put(listeners[0].socket.getsockname()[1])
         async with trio.open_nursery() as nursery:
-            if mode in ("tcp", "wsproto", "wsconn+writer"):
-                handler = {"tcp": tcp, "wsproto": direct, "wsconn+writer": wsconn_writer}[mode]
+            if mode in ("tcp", "wsproto", "wsconn", "wsconn+writer"):
+                handler = {"tcp": tcp, "wsproto": direct, "wsconn": wsconn_one_task,
+                           "wsconn+writer": wsconn_writer}[mode]
                 await trio.serve_listeners(handler, listeners)
             else:
                 handler = one_task if mode == "trio-websocket" else with_writer
