@@ -6,8 +6,8 @@ a bound on a message's size. trio-websocket, which it used before, runs a
 reader task per connection that hands every message to the consumer through
 a memory channel: two task switches and a channel per message. Here the
 task that calls `get_message` reads the socket and runs wsproto itself, so
-a message costs one wake-up: an echo server does ~19,000 messages/s this
-way against ~10,500 over trio-websocket with 1,000 connections on this
+a message costs one wake-up: an echo server does ~15,400 messages/s this
+way against ~10,400 over trio-websocket with 1,000 connections on this
 machine (bench/ws_floor.py), and with one connection per node a heartbeat
 is mostly that cost.
 
