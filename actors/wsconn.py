@@ -101,12 +101,12 @@ class WebSocket:
             return self._messages.popleft()
         if self._reading:  # an aclose is reading the peer's last frames
             await self._stream_closed.wait()
-            raise ConnectionClosed(self._closed_reason())
+            raise ConnectionClosed(self._lost())
         self._reading = True
         try:
             while not self._messages:
                 if self._stream_closed.is_set():
-                    raise ConnectionClosed(self._closed_reason())
+                    raise ConnectionClosed(self._lost())
                 await self._receive()
             return self._messages.popleft()
         finally:
@@ -140,8 +140,12 @@ class WebSocket:
 
     # -------------------------------------------------------------- inside
 
-    def _closed_reason(self) -> CloseReason:
-        return self.closed or CloseReason(CLOSE_ABNORMAL, "connection lost", by_peer=False)
+    def _lost(self) -> CloseReason:
+        """Why it closed; a websocket that ended without a close frame was
+        lost (1006)."""
+        if self.closed is None:
+            self.closed = CloseReason(CLOSE_ABNORMAL, "connection lost", by_peer=False)
+        return self.closed
 
     async def _receive(self) -> None:
         """Read once from the stream and act on what it carried."""
@@ -150,8 +154,7 @@ class WebSocket:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             data = b""
         if not data:
-            if self.closed is None:
-                self.closed = CloseReason(CLOSE_ABNORMAL, "connection lost", by_peer=False)
+            self._lost()
             await self._close_stream()
             return
         self._protocol.receive_data(data)
@@ -216,9 +219,7 @@ class WebSocket:
         try:
             await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            if self.closed is None:
-                self.closed = CloseReason(CLOSE_ABNORMAL, "connection lost", by_peer=False)
-            raise ConnectionClosed(self.closed) from None
+            raise ConnectionClosed(self._lost()) from None
         finally:
             self._send_lock.release()
 

@@ -40,6 +40,12 @@ class RawPeer:
     async def send(self, event) -> None:
         await self.stream.send_all(self.ws.send(event))
 
+    async def expect_close(self, code: int) -> CloseConnection:
+        """The next read brings our side's close frame, with `code`."""
+        [event] = await self.events()
+        assert isinstance(event, CloseConnection) and event.code == code, event
+        return event
+
     async def events(self) -> list:
         """What the next read brings (at least one event)."""
         while True:
@@ -85,8 +91,7 @@ async def test_a_message_over_the_limit_closes_with_1009_before_it_is_whole():
     with pytest.raises(ConnectionClosed) as closed:
         await ws.get_message()
     assert (closed.value.reason.code, closed.value.reason.by_peer) == (1009, False)
-    [event] = await client.events()
-    assert isinstance(event, CloseConnection) and event.code == 1009
+    await client.expect_close(1009)
 
 
 async def test_pings_are_answered():
@@ -105,8 +110,7 @@ async def test_a_close_from_the_peer_is_answered_and_reported():
         await ws.get_message()
     reason = closed.value.reason
     assert (reason.code, reason.reason, reason.by_peer) == (1001, "going away", True)
-    [event] = await client.events()
-    assert isinstance(event, CloseConnection) and event.code == 1001
+    await client.expect_close(1001)
     with pytest.raises(ConnectionClosed):
         await ws.send_message("too late")
 
@@ -125,8 +129,7 @@ async def test_bad_frames_close_with_1002():
     with pytest.raises(ConnectionClosed) as closed:
         await ws.get_message()
     assert (closed.value.reason.code, closed.value.reason.by_peer) == (1002, False)
-    [event] = await client.events()
-    assert isinstance(event, CloseConnection) and event.code == 1002
+    await client.expect_close(1002)
 
 
 async def test_aclose_while_another_task_reads():
@@ -239,7 +242,6 @@ async def test_two_closes_and_a_late_reader_share_the_stream():
         nursery.start_soon(close, "second")
         nursery.start_soon(read)
         await trio.testing.wait_all_tasks_blocked()
-        [event] = await client.events()
-        assert isinstance(event, CloseConnection) and event.code == 1001
+        event = await client.expect_close(1001)
         await client.send(event.response())
     assert sorted(ended) == ["first", "reader", "second"]
